@@ -1,0 +1,263 @@
+"""The embedded tiny GLM-4: where it lives and the code that builds it.
+
+`assets/tiny-glm4/` holds a checkpoint with the real GLM-4-9B-chat-hf conventions at toy size:
+architecture `GlmForCausalLM` (model_type `glm`, native in transformers, no remote code), a byte-level
+BPE tokenizer whose special tokens sit at the end of the vocabulary in GLM-4's order, the same stop ids
+(`<|endoftext|>`, `<|user|>`, `<|observation|>`), a post-processor that prepends `[gMASK]<sop>`, and a
+chat template that renders prompts byte-identical to the real checkpoint's (see
+/work/shared/glm4-format.md). Everything that works on it works on the real weights.
+
+`build_tiny()` writes such a checkpoint with random weights; `glm4.tiny_train` trains the committed
+one on `assets/tiny_corpus.jsonl` and saves it through `save_checkpoint()` below.
+
+    python -m glm4.tiny --out /tmp/tiny-glm4      # random-weight checkpoint (tokenizer from the corpus)
+    python -m glm4.tiny_train                      # the trained checkpoint in assets/tiny-glm4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TINY_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny-glm4"
+TINY_CORPUS_PATH = Path(__file__).resolve().parent.parent / "assets" / "tiny_corpus.jsonl"
+
+# GLM-4's special tokens in the order of their real ids 151329..151338; the tiny vocabulary appends
+# them, in this order, after the BPE tokens.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+]
+STOP_TOKENS = ["<|endoftext|>", "<|user|>", "<|observation|>"]  # the real generation_config's eos ids
+
+BPE_VOCAB_SIZE = 3000  # BPE tokens before the 10 special tokens; enough to merge common Chinese characters
+
+# Model sizes: big enough to memorize the ~40k-token corpus in a few CPU minutes, small enough that the
+# fp16 weights stay well under 20 MB. head_dim must be set explicitly (GlmConfig defaults to 128).
+TINY_SIZES = dict(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention, as in GLM-4 (32 heads, 2 KV heads)
+    head_dim=64,
+    max_position_embeddings=8192,
+)
+
+# The system block GLM-4's own template writes when tools are offered (glm4-format.md, "Tools").
+TOOLS_SYSTEM_PROMPT = (
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。"
+)
+TOOL_CALL_HINT = "在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+# Jinja chat template. Every literal is emitted through an expression and every tag strips the
+# whitespace around it, so the output does not depend on the Jinja environment's trim settings.
+CHAT_TEMPLATE = (
+    "{{- '[gMASK]<sop>' -}}"
+    "{%- if tools -%}"
+    "{{- '<|system|>\\n" + TOOLS_SYSTEM_PROMPT + "\\n\\n# 可用工具' -}}"
+    "{%- for tool in tools -%}"
+    "{%- set function = tool.function if tool.function is defined else tool -%}"
+    "{{- '\\n## ' + function.name + '\\n\\n' -}}"
+    "{{- function | tojson(indent=4) -}}"
+    "{{- '\\n" + TOOL_CALL_HINT + "' -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    # content: a string, or a list of text parts joined with no separator; None counts as empty
+    "{%- if message.content is string -%}"
+    "{%- set content = message.content -%}"
+    "{%- elif message.content -%}"
+    "{%- set content = message.content | map(attribute='text') | join('') -%}"
+    "{%- else -%}"
+    "{%- set content = '' -%}"
+    "{%- endif -%}"
+    "{%- if message.role in ['system', 'developer'] -%}"
+    "{%- set role = 'system' -%}"
+    "{%- elif message.role == 'tool' -%}"
+    "{%- set role = 'observation' -%}"
+    "{%- else -%}"
+    "{%- set role = message.role -%}"
+    "{%- endif -%}"
+    "{%- if content -%}"
+    "{{- '<|' + role + '|>\\n' + content -}}"
+    "{%- endif -%}"
+    # tool calls: `<|assistant|>{name}\n{arguments JSON}`, one per call
+    "{%- if role == 'assistant' and message.tool_calls -%}"
+    "{%- for call in message.tool_calls -%}"
+    "{%- set function = call.function if call.function is defined else call -%}"
+    "{%- set arguments = function.arguments -%}"
+    "{%- if arguments is not string -%}"
+    "{%- set arguments = arguments | tojson -%}"
+    "{%- endif -%}"
+    "{{- '<|assistant|>' + function.name + '\\n' + arguments -}}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|assistant|>' -}}"
+    "{%- endif -%}"
+)
+
+# A few lines so that a checkpoint built without the project corpus still has Chinese, English and
+# code merges in its BPE.
+DEFAULT_CORPUS = [
+    "你好！我是一个运行在本地的 GLM-4 聊天服务器。有什么可以帮你？",
+    "Hello! I am a GLM-4 chat server with an OpenAI-compatible API and a Gradio web UI.",
+    "介绍一下你自己。北京天气怎么样？今天是晴天，气温二十一度。",
+    "def main():\n    print('hello, world')\n\treturn 0\n",
+    'curl http://127.0.0.1:8003/v1/chat/completions -H "Content-Type: application/json"',
+    TOOLS_SYSTEM_PROMPT + "\n\n# 可用工具\n" + TOOL_CALL_HINT,
+    "You are a helpful assistant. Answer in English.",
+]
+
+
+def build_tokenizer(corpus_texts: list[str]):
+    """Train a byte-level BPE on the texts and wrap it as a GLM-4-style fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Byte-level pre-tokenizer and decoder without a prefix space: every string, Chinese, emoji and
+    # code with tabs included, round-trips exactly.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so nothing is unknown
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_texts, trainer=trainer)
+    # Added after training so they take the last ids, in GLM-4's order.
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A",
+        pair="[gMASK] <sop> $A $B",
+        special_tokens=[(t, tok.token_to_id(t)) for t in ("[gMASK]", "<sop>")],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+        padding_side="left",  # batched generation left-pads
+        model_max_length=TINY_SIZES["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_config(tokenizer):
+    """A GlmConfig shaped like THUDM/glm-4-9b-chat-hf's, at TINY_SIZES."""
+    from transformers import GlmConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = GlmConfig(
+        vocab_size=len(tokenizer),
+        **TINY_SIZES,
+        hidden_act="silu",
+        attention_bias=True,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        rms_norm_eps=1.5625e-07,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids[t] for t in STOP_TOKENS],
+        bos_token_id=None,
+        use_cache=True,
+    )
+    config.architectures = ["GlmForCausalLM"]
+    return config
+
+
+def build_model(tokenizer, seed: int = 0):
+    """A randomly initialised GlmForCausalLM (float32) for the tokenizer."""
+    import torch
+    from transformers import GlmForCausalLM
+
+    torch.manual_seed(seed)
+    return GlmForCausalLM(build_config(tokenizer))
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save weights (float16 safetensors), config, generation config and tokenizer to out_dir."""
+    import torch
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():  # a rebuild replaces the whole checkpoint, never mixes two
+        if stale.is_file():
+            stale.unlink()
+    config = model.config
+    # The real GLM-4 generation defaults: sampling at T=0.8, top_p=0.8, stopping on any stop id.
+    model.generation_config = GenerationConfig(
+        eos_token_id=list(config.eos_token_id),
+        pad_token_id=config.pad_token_id,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.8,
+    )
+    # float16 halves the files; loaders pick their own dtype (fp32 on CPU) when they load it.
+    model.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(out)
+    _embed_chat_template(out, tokenizer.chat_template)
+    return out
+
+
+def _embed_chat_template(out: Path, template: str) -> None:
+    """Keep the chat template inside tokenizer_config.json, where the real -hf checkpoint has it."""
+    jinja = out / "chat_template.jinja"
+    if jinja.exists():
+        jinja.unlink()
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def build_tiny(out_dir: str | Path, corpus_texts: list[str] | None = None, seed: int = 0) -> Path:
+    """Write a random-weight tiny GLM-4 checkpoint whose BPE is trained on corpus_texts."""
+    texts = list(corpus_texts) if corpus_texts else []
+    tokenizer = build_tokenizer(DEFAULT_CORPUS + texts)
+    model = build_model(tokenizer, seed=seed)
+    return save_checkpoint(model, tokenizer, out_dir)
+
+
+def load_corpus_texts(path: str | Path = TINY_CORPUS_PATH) -> list[str]:
+    """Every system, user and assistant text of the JSONL corpus (one conversation per line)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            texts.extend(m["content"] for m in json.loads(line)["messages"])
+    return texts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="checkpoint directory to write")
+    parser.add_argument("--corpus", type=Path, default=TINY_CORPUS_PATH, help="JSONL corpus for the BPE")
+    parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
+    args = parser.parse_args(argv)
+    out = build_tiny(args.out, load_corpus_texts(args.corpus), seed=args.seed)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
