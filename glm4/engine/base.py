@@ -1,0 +1,138 @@
+"""The engine contract: every front end (API, UI) and every backend (local, upstream) speaks this.
+
+Front ends turn their input into a `Prompt` plus `SamplingParams`, call `Engine.submit`, and consume
+the async stream of `Delta`s. `Engine.cancel` stops a request at the next decode step.
+No FastAPI, Gradio or wire-schema imports here.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop token or stop string ended the reply
+    LENGTH = "length"  # max_tokens (or the context window) was reached
+    CANCELLED = "cancelled"  # cancel(request_id) or a dropped client
+    ERROR = "error"  # the generation failed; Delta.error says why
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling. None on a field means "the model's generation default"."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass, 1.0 = off
+    top_k: int = 0  # 0 = off
+    max_tokens: int = 512  # new tokens at most
+    stop: list[str] = field(default_factory=list)  # stop strings, never returned
+    seed: int | None = None  # same seed + same prompt → same output
+    repetition_penalty: float = 1.0  # HF-style multiplicative penalty, 1.0 = off
+    presence_penalty: float = 0.0  # OpenAI-style additive penalties
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Prompt:
+    """What a backend needs to generate: token ids for a local model, messages for an upstream one."""
+
+    token_ids: list[int]
+    messages: list[dict[str, Any]] = field(default_factory=list)  # OpenAI-shaped, for upstream backends
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    prefix: str = ""  # text already forced after <|assistant|> (a forced tool name + "\n")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Delta:
+    """One step of a request's stream. The last delta has finish_reason and usage set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str | None = None  # set with FinishReason.ERROR
+    error_status: int = 500  # HTTP status that fits the error (503 for overload/OOM)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ModelInfo:
+    """What the front ends show about the served model."""
+
+    name: str  # served model name, e.g. "glm-4"
+    source: str  # HF id or local dir it was loaded from
+    quantization: str  # "4bit", "8bit", "none"
+    dtype: str  # "bfloat16", ...
+    placement: str  # one-line summary, e.g. "all layers on RTX 2080 Ti"
+    max_model_len: int  # prompt + completion tokens at most
+    aliases: list[str] = field(default_factory=list)  # other accepted model names
+    created: int = 0  # unix time the model was loaded
+    generation_defaults: dict[str, Any] = field(default_factory=dict)  # temperature/top_p from the checkpoint
+
+
+class EngineOverloaded(Exception):
+    """The waiting queue is full: the caller should retry later (HTTP 429)."""
+
+    def __init__(self, retry_after: float = 1.0):
+        super().__init__("the server is busy: too many requests are waiting; retry later")
+        self.retry_after = retry_after
+
+
+class EngineUnavailable(Exception):
+    """The engine is not serving (loading, draining, upstream down): HTTP 503."""
+
+    def __init__(self, message: str, retry_after: float = 5.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Engine(abc.ABC):
+    """Async streaming text generation. Implementations: LocalEngine (transformers), UpstreamEngine."""
+
+    info: ModelInfo
+
+    @abc.abstractmethod
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
+        """Queue a request and stream its deltas. Raises EngineOverloaded when the queue is full.
+
+        Closing the iterator early (client gone) cancels the request.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request at the next decode step; True when it was known and still running."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics and tests: running, waiting, finished, cancelled, rejected, ..."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special prefix); backends without a tokenizer return []."""
+        return []
+
+    async def start(self) -> None:
+        """Start worker threads or connections. Idempotent."""
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting, let running requests finish up to drain_timeout seconds, then stop."""

@@ -1,0 +1,143 @@
+"""The running batch: per-request state plus one left-padded KV cache that rows join and leave.
+
+A request is prefilled alone (batch of 1, no padding), then its cache is left-padded to the batch's
+length and concatenated (TGI's concatenate). Finished rows are dropped with `filter`, which also trims
+columns that became padding for every row. Pure tensor work, no I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from glm4.engine.base import SamplingParams
+from glm4.engine.text import ReplyText
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    reply: ReplyText
+    max_new_tokens: int  # params.max_tokens clipped to what the context window leaves
+    emit: object  # callable(Delta) that hands a delta to the request's consumer (thread-safe)
+    allowed_prefixes: list[list[int]] | None = None  # the output must start with one of these token sequences
+    fault: str | None = None  # test hook: "error" or "oom" raised on this request's decode step
+    output_ids: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    _generator: torch.Generator | None = None
+    _prompt_tensor: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """No penalties and no constraint: greedy rows like this can share one argmax."""
+        p = self.params
+        return (self.allowed_prefixes is None and p.repetition_penalty == 1.0
+                and not p.presence_penalty and not p.frequency_penalty)
+
+    @property
+    def prompt_tensor(self) -> torch.Tensor:
+        if self._prompt_tensor is None:
+            self._prompt_tensor = torch.tensor(self.prompt_ids, dtype=torch.long)
+        return self._prompt_tensor
+
+    def output_tensor(self) -> torch.Tensor:
+        return torch.tensor(self.output_ids, dtype=torch.long)
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """One generator per request, so a seeded request draws the same numbers in any batch."""
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+            seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
+            self._generator.manual_seed(seed)
+        return self._generator
+
+    def allowed_next_tokens(self) -> list[int] | None:
+        """Tokens that keep the output on one of the allowed prefixes; None once it is past them."""
+        if not self.allowed_prefixes:
+            return None
+        done = len(self.output_ids)
+        candidates = {prefix[done] for prefix in self.allowed_prefixes
+                      if len(prefix) > done and prefix[:done] == self.output_ids}
+        return sorted(candidates) or None
+
+
+def pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
+    if amount <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = amount
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class Batch:
+    """Rows decoding together. mask: [B, T] with 0 where a row's cache holds left padding."""
+
+    def __init__(self, device: torch.device):
+        self.device = device  # where input ids, mask and positions live (the embedding's device)
+        self.rows: list[RequestState] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, T]
+        self.positions: torch.Tensor | None = None  # [B] position id of each row's next token
+        self.next_tokens: list[int] = []  # the token each row feeds at the next decode step
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, state: RequestState, cache: DynamicCache, first_token: int) -> None:
+        """Join a freshly prefilled request (its cache has batch size 1, no padding)."""
+        length = len(state.prompt_ids)
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        row_position = torch.tensor([length], dtype=torch.long, device=self.device)
+        if not self.rows:
+            self.cache, self.mask, self.positions = cache, row_mask, row_position
+        else:
+            width = max(self.mask.shape[1], length)
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                grow, pad = width - mine.keys.shape[-2], width - length
+                mine.keys = torch.cat([pad_left(mine.keys, grow, -2), pad_left(theirs.keys, pad, -2)], dim=0)
+                mine.values = torch.cat([pad_left(mine.values, grow, -2), pad_left(theirs.values, pad, -2)], dim=0)
+            self.mask = torch.cat([pad_left(self.mask, width - self.mask.shape[1], 1),
+                                   pad_left(row_mask, width - length, 1)], dim=0)
+            self.positions = torch.cat([self.positions, row_position])
+        self.rows.append(state)
+        self.next_tokens.append(first_token)
+
+    def filter(self, keep: list[int]) -> None:
+        """Keep only the rows at these indices, then trim columns that are padding in every row."""
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self.next_tokens = [], []
+            self.cache = self.mask = self.positions = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self.rows = [self.rows[i] for i in keep]
+        self.next_tokens = [self.next_tokens[i] for i in keep]
+        self.mask = self.mask[index.to(self.device)]
+        self.positions = self.positions[index.to(self.device)]
+        start = int(torch.nonzero(self.mask.sum(dim=0))[0])  # first column any row still uses
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer_index = index.to(layer.keys.device)
+            layer.keys = layer.keys[layer_index, :, start:]
+            layer.values = layer.values[layer_index, :, start:]
+
+    def decode_inputs(self) -> dict:
+        """Model kwargs for one decode step: each row feeds its last token at its own position."""
+        ones = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        inputs = dict(
+            input_ids=torch.tensor(self.next_tokens, dtype=torch.long, device=self.device)[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.positions = self.positions + 1
+        return inputs

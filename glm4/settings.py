@@ -1,0 +1,154 @@
+"""One Settings object: CLI flags (named like vLLM's where they exist) over GLM4_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Literal, get_args, get_origin
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """'8MiB', '10MB', '512KiB', '1048576' → bytes."""
+    if isinstance(text, int):
+        return text
+    value = text.strip().lower().replace(" ", "")
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if value.endswith(unit):
+            return int(float(value[: -len(unit)]) * SIZE_UNITS[unit])
+    return int(float(value))
+
+
+def _split_list(value):
+    """Env vars and repeated flags both arrive here: 'a,b' or ['a', 'b'] → ['a', 'b']."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    items: list[str] = []
+    for entry in value:
+        items.extend(part.strip() for part in str(entry).split(",") if part.strip())
+    return items
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GLM4_", extra="ignore")
+
+    # --- model ---
+    model: str = Field("auto", description='auto | tiny | <HF repo id> | <local dir>; auto = real GLM-4 on CUDA, tiny otherwise')
+    quantization: Literal["auto", "4bit", "8bit", "none"] = Field("auto", description='auto = 4bit on CUDA, none on CPU')
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description='auto = bf16 on sm_80+, fp16 older, fp32 CPU')
+    trust_remote_code: bool = Field(False, description='only for checkpoints without native transformers support')
+    revision: str | None = Field(None, description='HF revision (branch, tag or commit)')
+    served_model_name: str = Field("glm-4", description='the name clients send in "model"')
+    max_model_len: int = Field(8192, ge=16, description='prompt + completion tokens at most (KV cache is planned for it)')
+
+    # --- placement ---
+    placement: Literal["auto", "balanced", "replicate"] = Field("auto", description='auto = fastest card first')
+    gpu_memory: str | None = Field(None, description='per-GPU caps, e.g. "10GiB,7GiB"')
+    plan_only: bool = Field(False, description='print the placement plan and exit, loading no weights')
+    simulate_gpus: str | None = Field(None, description='"RTX 2080 Ti:11GiB:7.5,GTX 1070:8GiB:6.1" for --plan-only')
+    compile: bool = Field(False, description='static KV cache + torch.compile for decode where the card supports it')
+
+    # --- scheduling ---
+    max_num_seqs: int = Field(8, ge=1, le=256, description='requests decoded together in one batch')
+    max_queue: int = Field(64, ge=0, description='requests waiting for a slot; beyond this → 429')
+    drain_timeout: float = Field(30.0, ge=0, description='seconds SIGTERM waits for running requests')
+
+    # --- server ---
+    host: str = Field("127.0.0.1", description='0.0.0.0 exposes the server: set --api-key too')
+    port: int = Field(8003, ge=0, le=65535, description="the old project's port")
+    root_path: str = Field("", description='prefix when served behind a reverse proxy')
+    api_key: CommaList = Field(default_factory=list, description='Bearer keys accepted on /v1; empty = no auth')
+    cors_origins: CommaList = Field(default_factory=list, description='CORS is off unless origins are given')
+    max_body_size: int = Field(8 * 2**20, description='bytes; larger request bodies get 413')
+    legacy_stream: bool = Field(False, description="stream the old project's NDJSON format by default")
+    log_level: str = "info"
+
+    # --- UI ---
+    no_ui: bool = Field(False, description='serve the API only')
+    share: bool = Field(False, description='ask Gradio for a public share link')
+    ui_auth: str | None = Field(None, description='"user:pass" protects the UI')
+
+    # --- backend ---
+    backend: Literal["local", "upstream"] = "local"
+    upstream_url: CommaList = Field(default_factory=list, description="OpenAI-compatible engines, e.g. vLLM's /v1")
+    upstream_api_key: str | None = None
+    upstream_model: str | None = None
+
+    # --- tests ---
+    test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
+
+    @field_validator("api_key", "cors_origins", "upstream_url", mode="before")
+    @classmethod
+    def _lists(cls, value):
+        return _split_list(value)
+
+    @field_validator("max_body_size", mode="before")
+    @classmethod
+    def _size(cls, value):
+        return parse_size(value)
+
+    @field_validator("ui_auth")
+    @classmethod
+    def check_ui_auth(cls, value):
+        if value is not None and ":" not in value:
+            raise ValueError("--ui-auth must look like user:password")
+        return value
+
+    @model_validator(mode="after")
+    def check_backend(self):
+        if self.backend == "upstream" and not self.upstream_url:
+            raise ValueError("--backend upstream needs at least one --upstream-url")
+        return self
+
+    @property
+    def model_names(self) -> list[str]:
+        return [self.served_model_name]
+
+
+def _hosting_defaults() -> dict[str, object]:
+    """Hugging Face Spaces (and other hosts) announce where to listen via these variables."""
+    defaults: dict[str, object] = {}
+    port = os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT")
+    if port and "GLM4_PORT" not in os.environ:
+        defaults["port"] = int(port)
+    host = os.environ.get("GRADIO_SERVER_NAME")
+    if host and "GLM4_HOST" not in os.environ:
+        defaults["host"] = host
+    return defaults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="GLM-4 chat server: OpenAI-compatible /v1 API and a Gradio chat UI on one engine. "
+        "Every flag can also be set as a GLM4_<FLAG> environment variable.",
+        argument_default=argparse.SUPPRESS,  # unset flags fall through to env vars / defaults
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description
+        annotation = field.annotation
+        if annotation is bool:
+            parser.add_argument(flag, action="store_true", help=help_text)
+        elif name in ("api_key", "cors_origins", "upstream_url"):
+            parser.add_argument(flag, action="append", help=help_text)
+        elif get_origin(annotation) is Literal:
+            parser.add_argument(flag, choices=get_args(annotation), help=help_text)
+        else:
+            parser.add_argument(flag, help=help_text)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    args = vars(build_parser().parse_args(argv))
+    return Settings(**{**_hosting_defaults(), **args})
