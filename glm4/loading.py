@@ -43,12 +43,14 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_model_source(requested: str) -> str:
+def resolve_model_source(requested: str, has_gpu: bool | None = None) -> str:
     """auto → the real GLM-4 on a CUDA machine, the embedded tiny GLM-4 elsewhere; tiny → assets dir."""
     from glm4.tiny import TINY_MODEL_DIR
 
     if requested == "auto":
-        return REAL_MODEL_ID if cuda_available() else str(TINY_MODEL_DIR)
+        if has_gpu is None:
+            has_gpu = cuda_available()
+        return REAL_MODEL_ID if has_gpu else str(TINY_MODEL_DIR)
     if requested == "tiny":
         return str(TINY_MODEL_DIR)
     return requested
@@ -160,7 +162,9 @@ def load_model(settings: Settings) -> LoadedModel:
 
     source = resolve_model_source(settings.model)
     if is_tiny(source):
-        log.info("No GPU or no weights requested: serving the embedded tiny GLM-4 demo model (%s)", source)
+        reason = "no CUDA GPU found" if settings.model == "auto" else "--model tiny"
+        log.info("%s: serving the embedded tiny GLM-4 demo model (%s); pass --model with a GLM-4 checkpoint "
+                 "for the real one", reason, source)
     config = load_config(source, settings)
     plan, quantization, dtype_name, max_len = plan_for(settings, config)
     log.info("Placement: %s", plan.summary)

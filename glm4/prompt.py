@@ -144,8 +144,9 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
 def build_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                  tool_choice: Any = None) -> Prompt:
     """Render and tokenize. The prompt already starts with [gMASK]<sop>, so no special tokens are added."""
-    text = render_prompt(messages, tools, tool_choice)
-    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    # Lone surrogates (legal in JSON, not in UTF-8) would crash the tokenizer: replace them.
+    text = render_prompt(messages, tools, tool_choice).encode("utf-8", "replace").decode("utf-8")
+    token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
     offered = tools if tools and tool_choice != "none" else None
     forced = forced_function_name(tool_choice, tools) if offered else None
     return Prompt(token_ids=token_ids, messages=messages, tools=offered, tool_choice=tool_choice,

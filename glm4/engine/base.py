@@ -33,6 +33,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF-style multiplicative penalty, 1.0 = off
     presence_penalty: float = 0.0  # OpenAI-style additive penalties
     frequency_penalty: float = 0.0
+    allowed_prefixes: list[list[int]] | None = None  # output must start with one of these token sequences
+    fault: str | None = None  # test hook ("error" | "oom"): honoured only by engines built with test_hooks
 
     @property
     def greedy(self) -> bool:

@@ -25,7 +25,6 @@ class RequestState:
     reply: ReplyText
     max_new_tokens: int  # params.max_tokens clipped to what the context window leaves
     emit: object  # callable(Delta) that hands a delta to the request's consumer (thread-safe)
-    allowed_prefixes: list[list[int]] | None = None  # the output must start with one of these token sequences
     fault: str | None = None  # test hook: "error" or "oom" raised on this request's decode step
     output_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
@@ -36,7 +35,7 @@ class RequestState:
     def plain(self) -> bool:
         """No penalties and no constraint: greedy rows like this can share one argmax."""
         p = self.params
-        return (self.allowed_prefixes is None and p.repetition_penalty == 1.0
+        return (p.allowed_prefixes is None and p.repetition_penalty == 1.0
                 and not p.presence_penalty and not p.frequency_penalty)
 
     @property
@@ -58,10 +57,10 @@ class RequestState:
 
     def allowed_next_tokens(self) -> list[int] | None:
         """Tokens that keep the output on one of the allowed prefixes; None once it is past them."""
-        if not self.allowed_prefixes:
+        if not self.params.allowed_prefixes:
             return None
         done = len(self.output_ids)
-        candidates = {prefix[done] for prefix in self.allowed_prefixes
+        candidates = {prefix[done] for prefix in self.params.allowed_prefixes
                       if len(prefix) > done and prefix[:done] == self.output_ids}
         return sorted(candidates) or None
 

@@ -47,9 +47,28 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
+def maybe_compile(model) -> bool:
+    """torch.compile the forward pass where it pays (CUDA sm_75+ with Triton); one log line otherwise."""
+    if not torch.cuda.is_available():
+        log.info("--compile: no CUDA device, decoding eagerly")
+        return False
+    capability = torch.cuda.get_device_capability(model.get_input_embeddings().weight.device)
+    try:
+        import triton  # noqa: F401  (torch.compile's GPU backend)
+    except ImportError:
+        log.info("--compile: Triton is not installed, decoding eagerly")
+        return False
+    if capability < (7, 5):
+        log.info("--compile: sm_%d%d has no Triton support, decoding eagerly", *capability)
+        return False
+    model.forward = torch.compile(model.forward, dynamic=True)
+    log.info("--compile: decode runs through torch.compile (first requests compile, later ones are fast)")
+    return True
+
+
 class LocalEngine(Engine):
     def __init__(self, model, tokenizer, info: ModelInfo, *, max_num_seqs: int = 8, max_queue: int = 64,
-                 test_hooks: bool = False):
+                 test_hooks: bool = False, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -68,6 +87,7 @@ class LocalEngine(Engine):
         self._stopping = threading.Event()
         self._accepting = True
         self.counters = collections.Counter()  # submitted, finished_<reason>, rejected, steps, tokens ...
+        self.compiled = compile and maybe_compile(model)
 
     # ---- public interface (event loop side) ----
 
@@ -79,8 +99,7 @@ class LocalEngine(Engine):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str, *,
-               allowed_prefixes: list[list[int]] | None = None, fault: str | None = None) -> AsyncIterator[Delta]:
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:
         if not self._accepting:
             raise EngineUnavailable("the server is shutting down; retry on another instance")
         if self._thread is None:
@@ -93,7 +112,7 @@ class LocalEngine(Engine):
             reply=ReplyText(self.tokenizer, params.stop, strip_leading_newline=not prompt.prefix),
             max_new_tokens=max(0, min(params.max_tokens, room)),
             emit=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
-            allowed_prefixes=allowed_prefixes, fault=fault if self.test_hooks else None,
+            fault=params.fault if self.test_hooks else None,
         )
         with self._lock:
             if len(self._inbox) >= self.max_queue + max(0, self.max_num_seqs - len(self._batch)):

@@ -1,0 +1,99 @@
+"""HTTP glue: /v1 routes (auth-protected), /health and /metrics. Logic lives in serving.py."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Annotated
+
+from pydantic import ValidationError
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from glm4.api.errors import APIError, describe_errors
+from glm4.api.protocol import (ChatCompletionRequest, ChatCompletionResponse, ErrorResponse, HealthResponse,
+                               ModelCard, ModelList)
+from glm4.api.serving import ChatService
+
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+
+
+def chat_service(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth with a constant-time compare; no keys configured = open."""
+    keys: list[str] = request.app.state.settings.api_key
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    valid = scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), key.encode()) for key in keys)
+    if not valid:
+        raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+Service = Annotated[ChatService, Depends(chat_service)]
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+public = APIRouter()
+
+
+async def chat_request(request: Request) -> ChatCompletionRequest:
+    """Parse the body as JSON whatever the Content-Type (curl -d sends form-urlencoded), with 400s that say why."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
+    except json.JSONDecodeError as error:
+        raise APIError(400, f"the request body is not valid JSON: {error.msg} at position {error.pos}",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as error:
+        message, param = describe_errors(error.errors(include_url=False))
+        raise APIError(400, message, param=param, code="invalid_value") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+CHAT_REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+
+
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, openapi_extra=CHAT_REQUEST_SCHEMA,
+         responses={200: {"content": {"text/event-stream": {}, "application/x-ndjson": {}}}})
+async def create_chat_completion(request: Request, service: Service,
+                                 body: Annotated[ChatCompletionRequest, Depends(chat_request)]):
+    return await service.create(body, request)
+
+
+@v1.get("/models", response_model=ModelList)
+async def list_models(service: Service) -> ModelList:
+    created = service.engine.info.created
+    return ModelList(data=[ModelCard(id=name, created=created) for name in service.model_names])
+
+
+@v1.get("/models/{model_id:path}", response_model=ModelCard)
+async def retrieve_model(model_id: str, service: Service) -> ModelCard:
+    service.check_model(model_id)
+    return ModelCard(id=model_id, created=service.engine.info.created)
+
+
+@public.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+async def health(request: Request):
+    status = request.app.state.status
+    return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
+
+
+@public.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

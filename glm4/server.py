@@ -1,0 +1,139 @@
+"""create_app(settings, engine): the FastAPI app with the /v1 router, /health, /metrics and the Gradio UI.
+
+No model is loaded here: app.py builds the engine and hands it in, so tests can build apps cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from glm4 import __version__
+from glm4.api.errors import APIError, error_body, install_error_handlers
+from glm4.api.metrics import Metrics
+from glm4.api.routes import public, v1
+from glm4.api.serving import ChatService
+from glm4.engine.base import Engine
+from glm4.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class GuardMiddleware:
+    """Pure ASGI: refuses bodies over --max-body-size (413), new work while draining (503), counts requests."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state  # the FastAPI app's state: settings, metrics, status
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.state.settings.max_body_size
+        status: dict[str, object] = {"sent": None, "refused": False}
+
+        async def send_once(message):
+            if status["refused"]:
+                return  # our error response already went out (body overflow): drop the app's reply
+            if message["type"] == "http.response.start":
+                status["sent"] = message["status"]
+            await send(message)
+
+        async def refuse(error: APIError):
+            if status["sent"] is None:
+                await self._send_error(send_once, error)
+            status["refused"] = True
+
+        too_large = APIError(413, f"request body is larger than the server's limit of {limit} bytes "
+                             "(--max-body-size)", code="request_too_large")
+        seen = 0
+
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:  # a chunked body that never declared its length
+                    await refuse(too_large)
+                    return {"type": "http.disconnect"}
+            return message
+
+        try:
+            if self.state.status == "draining" and scope["path"].startswith("/v1/"):
+                await refuse(APIError(503, "the server is shutting down; retry on another instance",
+                                      code="unavailable", headers={"Retry-After": "5"}))
+                return
+            declared = dict(scope.get("headers") or []).get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await refuse(too_large)
+                return
+            await self.app(scope, receive_limited, send_once)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or ("other" if scope["path"].startswith("/v1") else "/")
+            self.state.metrics.http_requests.labels(path, str(status["sent"] or 500)).inc()
+
+    @staticmethod
+    async def _send_error(send, error: APIError) -> None:
+        import json
+        body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def describe_request_models(app: FastAPI) -> None:
+    """The chat route parses its body itself (any Content-Type); put its request model in the OpenAPI spec."""
+    from fastapi.openapi.utils import get_openapi
+
+    from glm4.api.protocol import ChatCompletionRequest
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(request_schema.pop("$defs", {}))
+            components["ChatCompletionRequest"] = request_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        app.state.status = "ok"
+        try:
+            yield
+        finally:
+            app.state.status = "draining"
+            await engine.shutdown(drain_timeout=settings.drain_timeout)
+
+    app = FastAPI(title="GLM-4 chat server", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible chat completions over GLM-4, plus a Gradio chat UI at /.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.status = "loading"
+    app.state.metrics = Metrics(engine)
+    app.state.chat = ChatService(engine, settings, app.state.metrics)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(GuardMiddleware, state=app.state)
+    app.include_router(v1)  # before the UI mount: a mount at "/" shadows routes added after it
+    app.include_router(public)
+    describe_request_models(app)
+    if not settings.no_ui:
+        from glm4.ui import mount_ui
+
+        app = mount_ui(app, engine, settings)
+    return app
