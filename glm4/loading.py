@@ -19,6 +19,8 @@ from glm4.settings import Settings
 log = logging.getLogger(__name__)
 
 REAL_MODEL_ID = "THUDM/glm-4-9b-chat-hf"
+# The real architecture ships with the project so --plan-only works offline for the default model.
+BUNDLED_CONFIGS = {REAL_MODEL_ID: Path(__file__).resolve().parent.parent / "assets" / "configs" / "glm-4-9b-chat-hf"}
 NATIVE_MODEL_TYPES = ("glm", "glm4")
 QUANTIZATION_LABELS = {"4bit": "4-bit", "8bit": "8-bit", "none": "16-bit"}
 
@@ -87,6 +89,9 @@ def load_config(source: str, settings: Settings):
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) or "custom code" in str(error):
             raise ModelLoadError(remote_code_message(source)) from None
+        if settings.plan_only and source in BUNDLED_CONFIGS:
+            log.info("%s is not reachable: planning with the bundled copy of its config.json", source)
+            return AutoConfig.from_pretrained(BUNDLED_CONFIGS[source])
         raise ModelLoadError(not_found_message(source, error)) from None
     if config.model_type not in NATIVE_MODEL_TYPES and not settings.trust_remote_code:
         raise ModelLoadError(remote_code_message(source, config.model_type))
@@ -128,15 +133,13 @@ def plan_for(settings: Settings, config, gpus=None):
         gpus = placement.parse_simulated_gpus(settings.simulate_gpus) if settings.simulate_gpus \
             else placement.detect_gpus()
     quantization = resolve_quantization(settings.quantization, bool(gpus))
-    placement.check_quantization(quantization, gpus)
-    dtype = placement.choose_dtype(settings.dtype, gpus)
     max_len = min(settings.max_model_len, getattr(config, "max_position_embeddings", settings.max_model_len))
     plan = placement.plan_placement(
-        config, quantization=quantization, dtype=dtype, gpus=gpus,
+        config, quantization=quantization, dtype=settings.dtype, gpus=gpus,
         gpu_memory_caps=placement.parse_gpu_memory_caps(settings.gpu_memory),
         max_model_len=max_len, mode=settings.placement,
     )
-    return plan, quantization, dtype, max_len
+    return plan, quantization, plan.dtype, max_len
 
 
 def generation_defaults(source: str) -> dict[str, Any]:

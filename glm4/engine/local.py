@@ -22,6 +22,7 @@ from glm4.engine.base import (Delta, Engine, EngineOverloaded, EngineUnavailable
 from glm4.engine.batch import Batch, RequestState
 from glm4.engine.sampling import sample_batch
 from glm4.engine.text import ReplyText
+from glm4.placement import PREFILL_CHUNK_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,11 @@ class LocalEngine(Engine):
             return
         try:
             cache = DynamicCache(config=self.model.config)
-            input_ids = torch.tensor([state.prompt_ids], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            prompt = torch.tensor([state.prompt_ids], dtype=torch.long, device=self.device)
+            # Chunks bound the activation memory of long prompts (the placement plan reserves one chunk).
+            for start in range(0, prompt.shape[1], PREFILL_CHUNK_TOKENS):
+                chunk = prompt[:, start:start + PREFILL_CHUNK_TOKENS]
+                out = self.model(input_ids=chunk, cache=cache, use_cache=True, logits_to_keep=1)
             token = sample_batch(out.logits[:, -1, :], [state])[0]
         except Exception as error:  # only this request was in the step
             self._fail([state], error)
@@ -251,6 +255,7 @@ class LocalEngine(Engine):
     def _accept_token(self, state: RequestState, token: int) -> bool:
         """Record one sampled token, emit text; False when the request finished."""
         state.output_ids.append(token)
+        state.unsent_ids.append(token)
         self.counters["generation_tokens"] += 1
         if token in self.stop_ids and state.allowed_next_tokens() is None:
             self._finish(state, FinishReason.STOP, text=state.reply.finish())
@@ -262,14 +267,17 @@ class LocalEngine(Engine):
         if len(state.output_ids) >= state.max_new_tokens:
             self._finish(state, FinishReason.LENGTH, text=text + state.reply.finish())
             return False
-        if text:
-            state.emit(Delta(text=text, token_ids=[token]))
+        if text:  # token ids travel with their text: held-back tokens come with the delta that releases them
+            state.emit(Delta(text=text, token_ids=state.unsent_ids))
+            state.unsent_ids = []
         return True
 
     def _finish(self, state: RequestState, reason: FinishReason, text: str = "", error: str | None = None,
                 status: int = 500) -> None:
         self.counters[f"finished_{reason.value}"] += 1
-        self._finals.append((state, Delta(text=text, finish_reason=reason, error=error, error_status=status,
+        unsent, state.unsent_ids = state.unsent_ids, []
+        self._finals.append((state, Delta(text=text, token_ids=unsent, finish_reason=reason, error=error,
+                                          error_status=status,
                                           usage=Usage(len(state.prompt_ids), len(state.output_ids)))))
 
     def _emit_finals(self) -> None:
