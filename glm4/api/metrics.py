@@ -38,6 +38,26 @@ class EngineCollector:
             finished.add_metric([reason], stats.get(f"finished_{reason}", 0))
         yield finished
         yield CounterMetricFamily("glm4_decode_steps", "batched decode steps run", value=stats.get("steps", 0))
+        yield from upstream_metrics(stats.get("upstreams") or [])
+
+
+def upstream_metrics(upstreams: list[dict]):
+    """Per-upstream series when the engine fronts other servers (--backend upstream)."""
+    if not upstreams:
+        return
+    healthy = GaugeMetricFamily("glm4_upstream_healthy", "1 when the upstream answered its last check",
+                                labels=["upstream"])
+    outstanding = GaugeMetricFamily("glm4_upstream_outstanding", "requests in flight to the upstream",
+                                    labels=["upstream"])
+    requests = CounterMetricFamily("glm4_upstream_requests", "requests sent to the upstream by outcome",
+                                   labels=["upstream", "outcome"])
+    for upstream in upstreams:
+        url = upstream["url"]
+        healthy.add_metric([url], 1.0 if upstream["healthy"] else 0.0)
+        outstanding.add_metric([url], upstream["outstanding"])
+        for outcome in ("requests", "errors", "connect_errors", "cancelled"):
+            requests.add_metric([url, outcome], upstream.get(outcome, 0))
+    yield from (healthy, outstanding, requests)
 
 
 class Metrics:

@@ -92,7 +92,7 @@ class ChatService:
             temperature=first(request.temperature, defaults.get("temperature"), 1.0),
             top_p=first(request.top_p, defaults.get("top_p"), 1.0),
             top_k=first(request.top_k, 0),
-            max_tokens=requested if requested is not None else max(1, room),
+            max_tokens=requested if requested is not None else (max(1, room) if prompt_tokens else None),
             stop=request.stops,
             seed=request.seed,
             repetition_penalty=first(request.repetition_penalty, 1.0),
@@ -144,6 +144,8 @@ class ChatService:
         prompt, params = await self.prepare(request)
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
+        await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
+                               on_cancel=lambda: close_all(choices))
         context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
                                   started, self.metrics)
         legacy = (request.stream_format or ("legacy" if self.settings.legacy_stream else "openai")) == "legacy"
@@ -160,6 +162,39 @@ class ChatService:
 
 def first(*values):
     return next((value for value in values if value is not None), None)
+
+
+def failure_error(delta: Delta) -> APIError:
+    """An engine error delta as an HTTP error (used while no response has started)."""
+    headers = {"Retry-After": "5"} if delta.error_status in (429, 503) else None
+    return APIError(delta.error_status, delta.error or "generation failed",
+                    code=delta.error_code or ("generation_failed" if delta.error_status >= 500 else None),
+                    headers=headers)
+
+
+async def peek_first(choice: Choice) -> None:
+    """Wait for a choice's first delta; a failure there becomes the HTTP status (upstream 4xx stays 4xx)."""
+    stream = choice.stream
+    delta = await stream.__anext__()
+    choice.first_token_at = time.monotonic()
+    if delta.finish_reason is FinishReason.ERROR:
+        await stream.aclose()
+        raise failure_error(delta)
+
+    async def replay() -> AsyncIterator[Delta]:
+        try:
+            yield delta
+            async for later in stream:
+                yield later
+        finally:
+            await stream.aclose()
+
+    choice.stream = replay()
+
+
+async def close_all(choices: list[Choice]) -> None:
+    for choice in choices:
+        await choice.stream.aclose()
 
 
 @dataclass
@@ -310,7 +345,7 @@ async def full_response(context: ResponseContext, choices: list[Choice]) -> dict
         async for choice, events in merged_events(choices):
             choice.text += "".join(event.text for event in events if event.kind == "content")
     except GenerationFailed as failure:
-        raise APIError(failure.delta.error_status, str(failure), code="generation_failed") from None
+        raise failure_error(failure.delta) from None
     context.record(choices)
     body_choices = []
     for choice in choices:
@@ -325,7 +360,7 @@ async def full_response(context: ResponseContext, choices: list[Choice]) -> dict
             "system_fingerprint": None, "choices": body_choices, "usage": usage_dict(choices)}
 
 
-async def until_disconnect(coroutine, raw: Request):
+async def until_disconnect(coroutine, raw: Request, on_cancel=None):
     """Race a non-streaming handler against the client going away; cancel generation if it does.
 
     Starlette only notices disconnects for streaming responses, so listen for http.disconnect here.
@@ -348,6 +383,8 @@ async def until_disconnect(coroutine, raw: Request):
             await work
         except asyncio.CancelledError:
             pass
+        if on_cancel is not None:
+            await on_cancel()
         raise APIError(499, "client closed the request", code="client_closed_request")
     finally:
         listener.cancel()

@@ -27,7 +27,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # nucleus mass, 1.0 = off
     top_k: int = 0  # 0 = off
-    max_tokens: int = 512  # new tokens at most
+    max_tokens: int | None = 512  # new tokens at most; None = as many as the context allows
     stop: list[str] = field(default_factory=list)  # stop strings, never returned
     seed: int | None = None  # same seed + same prompt → same output
     repetition_penalty: float = 1.0  # HF-style multiplicative penalty, 1.0 = off
@@ -71,7 +71,8 @@ class Delta:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR
-    error_status: int = 500  # HTTP status that fits the error (503 for overload/OOM)
+    error_status: int = 500  # HTTP status that fits the error (503 for overload/OOM, upstream's own 4xx)
+    error_code: str | None = None  # machine-readable code for the OpenAI envelope
 
     @property
     def finished(self) -> bool:
