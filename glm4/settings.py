@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     cors_origins: CommaList = Field(default_factory=list, description='CORS is off unless origins are given')
     max_body_size: int = Field(8 * 2**20, description='bytes; larger request bodies get 413')
     legacy_stream: bool = Field(False, description="stream the old project's NDJSON format by default")
-    log_level: str = "info"
+    log_level: str = Field("info", description="debug | info | warning | error (debug also logs each request line)")
 
     # --- UI ---
     no_ui: bool = Field(False, description='serve the API only')
@@ -79,10 +79,10 @@ class Settings(BaseSettings):
     ui_auth: str | None = Field(None, description='"user:pass" protects the UI')
 
     # --- backend ---
-    backend: Literal["local", "upstream"] = "local"
+    backend: Literal["local", "upstream"] = Field("local", description="local = this process runs the model; upstream = forward to --upstream-url")
     upstream_url: CommaList = Field(default_factory=list, description="OpenAI-compatible engines, e.g. vLLM's /v1")
-    upstream_api_key: str | None = None
-    upstream_model: str | None = None
+    upstream_api_key: str | None = Field(None, description="Bearer key the upstream engines expect")
+    upstream_model: str | None = Field(None, description="model name to request upstream (default: its first model)")
 
     # --- tests ---
     test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
@@ -152,3 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(argv: list[str] | None = None) -> Settings:
     args = vars(build_parser().parse_args(argv))
     return Settings(**{**_hosting_defaults(), **args})
+
+
+def flags_markdown() -> str:
+    """The README's flags table, generated so it cannot drift from the code (`python -m glm4.settings`)."""
+    rows = ["| flag | env var | default | meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if name == "test_hooks":
+            continue  # test-only, deliberately undocumented for users
+        default = field.default_factory() if field.default_factory else field.default
+        shown = "" if default in (None, [], "", False) else f"`{default}`"
+        flag = "--" + name.replace("_", "-")
+        meaning = (field.description or "").replace("|", "\\|")  # a pipe would end the table cell
+        rows.append(f"| `{flag}` | `GLM4_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flags_markdown())
