@@ -27,6 +27,7 @@ class RequestState:
     emit: object  # callable(Delta) that hands a delta to the request's consumer (thread-safe)
     fault: str | None = None  # test hook: "error" or "oom" raised on this request's decode step
     output_ids: list[int] = field(default_factory=list)
+    unsent_ids: list[int] = field(default_factory=list)  # sampled, not yet in a delta (text held back)
     first_token_at: float | None = None
     _generator: torch.Generator | None = None
     _prompt_tensor: torch.Tensor | None = None
