@@ -10,6 +10,10 @@ from __future__ import annotations
 class IncrementalDecoder:
     """Prefix/read offsets as in TGI: decode a short window and wait while it ends in U+FFFD."""
 
+    # A UTF-8 character has at most 4 bytes and a byte-level token carries at least one, so more unread
+    # tokens than this that still end in U+FFFD are invalid bytes, not a character being completed.
+    MAX_UNREAD = 4
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
@@ -25,6 +29,13 @@ class IncrementalDecoder:
         window_text = self._decode(self.ids[self.prefix_offset:])
         if len(window_text) > len(prefix_text) and not window_text.endswith("\ufffd"):
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return window_text[len(prefix_text):]
+        if len(self.ids) - self.read_offset > self.MAX_UNREAD:
+            # Junk bytes (random weights do this): release all but the tokens that may still start a
+            # character, so the window stays short instead of growing (and re-decoding) without end.
+            cut = len(self.ids) - (self.MAX_UNREAD - 1)
+            window_text = self._decode(self.ids[self.prefix_offset:cut])
+            self.prefix_offset, self.read_offset = self.read_offset, cut
             return window_text[len(prefix_text):]
         return ""
 
