@@ -84,10 +84,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "…"  # no echo of 100 KB
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}"
+            message = f"no route {request.method} {path}"
         elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
+            message = f"method {request.method} is not allowed on {path}"
         return APIError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
 
     @app.exception_handler(Exception)

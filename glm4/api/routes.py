@@ -42,11 +42,19 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
 public = APIRouter()
 
 
+class NonFiniteNumber(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON does not have them."""
+
+
+def refuse_constant(name: str):
+    raise NonFiniteNumber(f"{name} is not a JSON number")
+
+
 async def chat_request(request: Request) -> ChatCompletionRequest:
     """Parse the body as JSON whatever the Content-Type (curl -d sends form-urlencoded), with 400s that say why."""
     raw = await request.body()
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=refuse_constant)
     except UnicodeDecodeError:
         raise APIError(400, "the request body is not valid UTF-8", code="invalid_json") from None
     except json.JSONDecodeError as error:
@@ -54,10 +62,15 @@ async def chat_request(request: Request) -> ChatCompletionRequest:
                        code="invalid_json") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except NonFiniteNumber as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
+    except ValueError:  # an integer literal beyond Python's 4300-digit conversion limit
+        raise APIError(400, "the request body holds a number too long to read", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return ChatCompletionRequest.model_validate(data)
+        # strict: JSON types as the spec says ("0.7" is not a number, 1 is not true), as OpenAI does
+        return ChatCompletionRequest.model_validate(data, strict=True)
     except ValidationError as error:
         message, param = describe_errors(error.errors(include_url=False))
         raise APIError(400, message, param=param, code="invalid_value") from None
