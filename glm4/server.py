@@ -86,8 +86,13 @@ class GuardMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
-def describe_request_models(app: FastAPI) -> None:
-    """The chat route parses its body itself (any Content-Type); put its request model in the OpenAPI spec."""
+def describe_request_models(app: FastAPI, settings: Settings) -> None:
+    """Make the OpenAPI spec say what the server does (schemathesis fuzzes against it: tests/test_fuzz.py).
+
+    The chat route parses its body itself (any Content-Type), so its request model is added here; FastAPI's
+    422 responses are dropped (validation errors are 400 in the OpenAI envelope); with --api-key the /v1
+    operations declare bearer auth.
+    """
     from fastapi.openapi.utils import get_openapi
 
     from glm4.api.protocol import ChatCompletionRequest
@@ -97,9 +102,19 @@ def describe_request_models(app: FastAPI) -> None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             request_schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(request_schema.pop("$defs", {}))
-            components["ChatCompletionRequest"] = request_schema
+            components = schema.setdefault("components", {})
+            schemas = components.setdefault("schemas", {})
+            schemas.update(request_schema.pop("$defs", {}))
+            schemas["ChatCompletionRequest"] = request_schema
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            if settings.api_key:
+                components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            for path, operations in schema["paths"].items():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+                    if settings.api_key and path.startswith("/v1/"):
+                        operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -131,7 +146,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.add_middleware(GuardMiddleware, state=app.state)
     app.include_router(v1)  # before the UI mount: a mount at "/" shadows routes added after it
     app.include_router(public)
-    describe_request_models(app)
+    describe_request_models(app, settings)
     if not settings.no_ui:
         from glm4.ui import mount_ui
 

@@ -12,6 +12,7 @@ import uuid
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 
 class OpenAIBaseModel(BaseModel):
@@ -36,7 +37,29 @@ class ToolCallItem(OpenAIBaseModel):
     function: FunctionCall
 
 
+# The cross-field rules below, written as JSON Schema too, so the OpenAPI spec (and the fuzzer that reads it)
+# describes exactly what the validators accept.
+CONTENT_RULE = {"anyOf": [
+    {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+    {"required": ["role", "tool_calls"],
+     "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}},
+]}
+REQUEST_RULES = {"allOf": [
+    {"if": {"required": ["stream_options"], "properties": {"stream_options": {"not": {"type": "null"}}}},
+     "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
+    {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}}},
+     "then": {"required": ["tools"], "properties": {"tools": {"type": "array", "minItems": 1}}}},
+    {"if": {"required": ["stream", "stream_format"],
+            "properties": {"stream": {"const": True}, "stream_format": {"const": "legacy"}}},
+     "then": {"properties": {"n": {"enum": [1, None]}}}},  # legacy lines carry no choice index
+]}
+
+INTEGER_FIELDS = ("max_completion_tokens", "max_tokens", "n", "seed", "top_k", "top_logprobs")
+
+
 class ChatMessage(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra=CONTENT_RULE)
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
     name: str | None = None
@@ -76,23 +99,27 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
+    # json_object / json_schema parse (so the error can name them) but are refused: the spec lists "text" only
+    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
+    model_config = ConfigDict(json_schema_extra=REQUEST_RULES)
+
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})  # unsupported
+    logprobs: bool | None = Field(None, json_schema_extra={"enum": [False, None]})  # unsupported
+    top_logprobs: int | None = Field(None, json_schema_extra={"enum": [0, None]})  # unsupported
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=16)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = Field(None, json_schema_extra={"minLength": 1, "maxItems": 4,
+                                                                       "items": {"type": "string", "minLength": 1}})
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -105,8 +132,20 @@ class ChatCompletionRequest(OpenAIBaseModel):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     stream_format: Literal["openai", "legacy"] | None = None  # "legacy": the old project's NDJSON stream
-    test_force_output: str | None = None  # test hook (--test-hooks only): the model must write exactly this
-    test_fault: Literal["error", "oom"] | None = None  # test hook (--test-hooks only): fail a decode step
+    # test hooks (--test-hooks only), left out of the OpenAPI spec:
+    test_force_output: SkipJsonSchema[str | None] = None  # the model must write exactly this
+    test_fault: SkipJsonSchema[Literal["error", "oom"] | None] = None  # fail a decode step
+
+    @model_validator(mode="before")
+    @classmethod
+    def accept_integral_floats(cls, data):
+        """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
+        if isinstance(data, dict):
+            for key in INTEGER_FIELDS:
+                value = data.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    data = {**data, key: int(value)}
+        return data
 
     @field_validator("frequency_penalty", "presence_penalty", "temperature", "top_p", "repetition_penalty")
     @classmethod
