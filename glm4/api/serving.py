@@ -141,6 +141,10 @@ class ChatService:
 
     async def create(self, request: ChatCompletionRequest, raw: Request):
         started = time.monotonic()
+        legacy = (request.stream_format or ("legacy" if self.settings.legacy_stream else "openai")) == "legacy"
+        if request.stream and legacy and (request.n or 1) > 1:  # its lines carry no choice index
+            raise APIError(400, "n > 1 is not supported with the legacy stream format; use stream_format "
+                           '"openai" or n = 1', param="n")
         prompt, params = await self.prepare(request)
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
@@ -148,7 +152,6 @@ class ChatService:
                                on_cancel=lambda: close_all(choices))
         context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
                                   started, self.metrics)
-        legacy = (request.stream_format or ("legacy" if self.settings.legacy_stream else "openai")) == "legacy"
         if request.stream and legacy:
             return StreamingResponse(legacy_stream(context, choices[0]), media_type="application/x-ndjson",
                                      headers=SSE_HEADERS)
