@@ -148,8 +148,9 @@ class ChatService:
         prompt, params = await self.prepare(request)
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
-        await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
-                               on_cancel=lambda: close_all(choices))
+        if self.engine.early_errors:
+            await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
+                                   on_cancel=lambda: close_all(choices))
         context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
                                   started, self.metrics)
         if request.stream and legacy:

@@ -33,6 +33,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF-style multiplicative penalty, 1.0 = off
     presence_penalty: float = 0.0  # OpenAI-style additive penalties
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False  # benchmarks: keep generating through stop tokens up to max_tokens
     allowed_prefixes: list[list[int]] | None = None  # output must start with one of these token sequences
     fault: str | None = None  # test hook ("error" | "oom"): honoured only by engines built with test_hooks
 
@@ -114,6 +115,9 @@ class Engine(abc.ABC):
     """Async streaming text generation. Implementations: LocalEngine (transformers), UpstreamEngine."""
 
     info: ModelInfo
+    # True when a request can fail with a client error before any output (an upstream's 4xx): the API then
+    # waits for the first delta before answering, so that error keeps its HTTP status.
+    early_errors: bool = False
 
     @abc.abstractmethod
     def submit(self, prompt: Prompt, params: SamplingParams, request_id: str) -> AsyncIterator[Delta]:

@@ -75,26 +75,46 @@ def pad_left(tensor: torch.Tensor, amount: int, dim: int) -> torch.Tensor:
 
 
 class Batch:
-    """Rows decoding together. mask: [B, T] with 0 where a row's cache holds left padding."""
+    """Rows decoding together. mask: [B, T] with 0 where a row's cache holds left padding.
 
-    def __init__(self, device: torch.device):
+    With a StaticDecoder (--compile), a request that starts alone decodes on the static cache
+    ("solo" mode); the first request to join moves it to the dynamic cache.
+    """
+
+    def __init__(self, device: torch.device, static=None):
         self.device = device  # where input ids, mask and positions live (the embedding's device)
+        self.static = static  # glm4.engine.compiled.StaticDecoder, or None
+        self.solo = False  # the one row lives in self.static's cache
         self.rows: list[RequestState] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T]
         self.positions: torch.Tensor | None = None  # [B] position id of each row's next token
+        self.lengths: list[int] = []  # the same positions on the CPU: tells padding apart without a GPU sync
         self.next_tokens: list[int] = []  # the token each row feeds at the next decode step
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, state: RequestState, cache: DynamicCache, first_token: int) -> None:
-        """Join a freshly prefilled request (its cache has batch size 1, no padding)."""
-        length = len(state.prompt_ids)
+    def add_solo(self, state: RequestState, first_token: int) -> None:
+        """The only request, prefilled on the static cache by self.static."""
+        self.rows, self.next_tokens, self.solo = [state], [first_token], True
+
+    def leave_solo(self) -> None:
+        """Copy the solo row's static cache into the dynamic batch layout, so others can join."""
+        state, token = self.rows[0], self.next_tokens[0]
+        self.rows, self.next_tokens, self.solo = [], [], False
+        self.add(state, self.static.to_dynamic(), token, length=self.static.length)
+
+    def add(self, state: RequestState, cache: DynamicCache, first_token: int, length: int | None = None) -> None:
+        """Join a request whose cache (batch size 1, no padding) holds `length` tokens (its prompt by default)."""
+        if self.solo:
+            self.leave_solo()
+        length = len(state.prompt_ids) if length is None else length
         row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         row_position = torch.tensor([length], dtype=torch.long, device=self.device)
         if not self.rows:
             self.cache, self.mask, self.positions = cache, row_mask, row_position
+            self.lengths = []
         else:
             width = max(self.mask.shape[1], length)
             for mine, theirs in zip(self.cache.layers, cache.layers):
@@ -106,38 +126,50 @@ class Batch:
             self.positions = torch.cat([self.positions, row_position])
         self.rows.append(state)
         self.next_tokens.append(first_token)
+        self.lengths.append(length)
 
     def filter(self, keep: list[int]) -> None:
         """Keep only the rows at these indices, then trim columns that are padding in every row."""
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.next_tokens = [], []
+            self.solo = False
+            self.rows, self.next_tokens, self.lengths = [], [], []
             self.cache = self.mask = self.positions = None
             return
         index = torch.tensor(keep, dtype=torch.long)
         self.rows = [self.rows[i] for i in keep]
         self.next_tokens = [self.next_tokens[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
         self.mask = self.mask[index.to(self.device)]
         self.positions = self.positions[index.to(self.device)]
-        start = int(torch.nonzero(self.mask.sum(dim=0))[0])  # first column any row still uses
+        start = self.mask.shape[1] - max(self.lengths)  # first column any row still uses
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer_index = index.to(layer.keys.device)
             layer.keys = layer.keys[layer_index, :, start:]
             layer.values = layer.values[layer_index, :, start:]
 
+    def step_logits(self, model) -> torch.Tensor:
+        """One decode step for every row: logits [B, vocab] of each row's next token."""
+        if self.solo:
+            return self.static.step(self.next_tokens[0])
+        return model(**self.decode_inputs()).logits[:, -1, :]
+
     def decode_inputs(self) -> dict:
         """Model kwargs for one decode step: each row feeds its last token at its own position."""
         ones = torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
+        padded = min(self.lengths) < self.mask.shape[1] - 1  # some row's cache starts with padding
         inputs = dict(
             input_ids=torch.tensor(self.next_tokens, dtype=torch.long, device=self.device)[:, None],
-            attention_mask=self.mask,
+            # No padding → no mask: attention can then take the fused causal kernel (flash/SDPA is_causal).
+            attention_mask=self.mask if padded else None,
             position_ids=self.positions[:, None],
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,
         )
         self.positions = self.positions + 1
+        self.lengths = [length + 1 for length in self.lengths]
         return inputs

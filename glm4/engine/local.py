@@ -21,6 +21,7 @@ from transformers import DynamicCache
 from glm4.engine.base import (Delta, Engine, EngineOverloaded, EngineUnavailable, FinishReason, ModelInfo,
                               Prompt, SamplingParams, Usage)
 from glm4.engine.batch import Batch, RequestState
+from glm4.engine.compiled import StaticDecoder, compile_supported
 from glm4.engine.sampling import sample_batch
 from glm4.engine.text import ReplyText
 from glm4.placement import PREFILL_CHUNK_TOKENS
@@ -67,23 +68,14 @@ def maybe_limit_cpu_threads(device: torch.device) -> None:
                  threads)
 
 
-def maybe_compile(model) -> bool:
-    """torch.compile the forward pass where it pays (CUDA sm_75+ with Triton); one log line otherwise."""
-    if not torch.cuda.is_available():
-        log.info("--compile: no CUDA device, decoding eagerly")
-        return False
-    capability = torch.cuda.get_device_capability(model.get_input_embeddings().weight.device)
-    try:
-        import triton  # noqa: F401  (torch.compile's GPU backend)
-    except ImportError:
-        log.info("--compile: Triton is not installed, decoding eagerly")
-        return False
-    if capability < (7, 5):
-        log.info("--compile: sm_%d%d has no Triton support, decoding eagerly", *capability)
-        return False
-    model.forward = torch.compile(model.forward, dynamic=True)
-    log.info("--compile: decode runs through torch.compile (first requests compile, later ones are fast)")
-    return True
+def maybe_static_decoder(model, max_len: int) -> StaticDecoder | None:
+    """--compile where the card supports it; one log line saying why not otherwise."""
+    supported, reason = compile_supported(model)
+    if not supported:
+        log.info("--compile: %s, decoding eagerly", reason)
+        return None
+    log.info("--compile: lone requests decode through torch.compile + CUDA graphs (%s)", reason)
+    return StaticDecoder(model, max_len, PREFILL_CHUNK_TOKENS)
 
 
 class LocalEngine(Engine):
@@ -102,13 +94,14 @@ class LocalEngine(Engine):
         self._wakeup = threading.Event()
         self._inbox: collections.deque[RequestState] = collections.deque()  # submitted, not yet admitted
         self._cancelled: set[str] = set()  # mark-and-sweep: the worker drops these between steps
-        self._batch = Batch(self.device)
+        self.static = maybe_static_decoder(model, info.max_model_len) if compile else None
+        self.compiled = self.static is not None
+        self._batch = Batch(self.device, self.static)
         self._finals: list[tuple[RequestState, Delta]] = []  # emitted after the batch is filtered
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._accepting = True
         self.counters = collections.Counter()  # submitted, finished_<reason>, rejected, steps, tokens ...
-        self.compiled = compile and maybe_compile(model)
 
     # ---- public interface (event loop side) ----
 
@@ -131,7 +124,7 @@ class LocalEngine(Engine):
         state = RequestState(
             request_id=request_id, prompt_ids=list(prompt.token_ids), params=params,
             reply=ReplyText(self.tokenizer, params.stop, strip_leading_newline=not prompt.prefix),
-            max_new_tokens=max(0, min(params.max_tokens, room)),
+            max_new_tokens=max(0, min(params.max_tokens or room, room)),
             emit=lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta),
             fault=params.fault if self.test_hooks else None,
         )
@@ -192,6 +185,8 @@ class LocalEngine(Engine):
 
     def _run(self) -> None:
         with torch.inference_mode():
+            if self.static is not None:
+                self._warm_up_static()
             while not self._stopping.is_set():
                 try:
                     if not self._pass():
@@ -201,6 +196,17 @@ class LocalEngine(Engine):
                     log.exception("engine loop failed")
                     self._fail_all(f"internal engine error: {type(error).__name__}")
             self._fail_all("the server is shutting down", reason=FinishReason.CANCELLED)
+
+    def _warm_up_static(self) -> None:
+        """Compile before serving; if compilation fails, serve eagerly rather than not at all."""
+        started = time.monotonic()
+        try:
+            self.static.warm_up(self.encode("[gMASK]<sop><|user|>\nhello<|assistant|>"))
+            log.info("--compile: decode graphs ready in %.1f s", time.monotonic() - started)
+        except Exception as error:
+            log.warning("--compile failed (%s: %s); decoding eagerly", type(error).__name__, str(error)[:200])
+            self.static = self._batch.static = None
+            self.compiled = False
 
     def _pass(self) -> bool:
         """One scheduling pass; False when there was nothing to do."""
@@ -236,6 +242,9 @@ class LocalEngine(Engine):
         if state.max_new_tokens <= 0:
             self._finish(state, FinishReason.LENGTH)
             return
+        if self.static is not None and not len(self._batch) and not self._inbox:
+            self._prefill_solo(state)
+            return
         try:
             cache = DynamicCache(config=self.model.config)
             prompt = torch.tensor([state.prompt_ids], dtype=torch.long, device=self.device)
@@ -252,12 +261,22 @@ class LocalEngine(Engine):
         if self._accept_token(state, token):
             self._batch.add(state, cache, token)
 
+    def _prefill_solo(self, state: RequestState) -> None:
+        try:
+            token = sample_batch(self.static.prefill(state.prompt_ids), [state])[0]
+        except Exception as error:
+            self._fail([state], error)
+            return
+        state.first_token_at = time.monotonic()
+        self.counters["prompt_tokens"] += len(state.prompt_ids)
+        if self._accept_token(state, token):
+            self._batch.add_solo(state, token)
+
     def _decode_step(self) -> None:
         batch = self._batch
         try:
             self._maybe_inject_fault(batch.rows)
-            out = self.model(**batch.decode_inputs())
-            tokens = sample_batch(out.logits[:, -1, :], batch.rows)
+            tokens = sample_batch(batch.step_logits(self.model), batch.rows)
         except Exception as error:  # the whole batch shared the failed step
             rows = list(batch.rows)
             batch.filter([])
@@ -277,7 +296,7 @@ class LocalEngine(Engine):
         state.output_ids.append(token)
         state.unsent_ids.append(token)
         self.counters["generation_tokens"] += 1
-        if token in self.stop_ids and state.allowed_next_tokens() is None:
+        if token in self.stop_ids and not state.params.ignore_eos and state.allowed_next_tokens() is None:
             self._finish(state, FinishReason.STOP, text=state.reply.finish())
             return False
         text = state.reply.push(token)

@@ -92,6 +92,8 @@ class ToolCallText:
 
 
 class UpstreamEngine(Engine):
+    early_errors = True  # the upstream validates too: its 4xx must reach the client as a 4xx
+
     def __init__(self, settings):
         self.settings = settings
         self.tokenizer = None  # the upstream tokenizes; prompts carry messages
