@@ -1,0 +1,126 @@
+"""Shared helpers for the benchmarks: the tiny model, a live server subprocess, stats and tables.
+
+Benchmarks are scripts, not tests: run them from the repository root, e.g. `python bench/concurrency.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:  # `python bench/x.py` puts bench/ on the path, not the repository root
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+BENCH_MESSAGES = [{"role": "user", "content": "Write a long story about a robot who learns to paint."}]
+
+
+def load_tiny(model: str = "tiny"):
+    """The model through the project's own loader (same dtype and placement the server uses)."""
+    from glm4.loading import load_model
+    from glm4.settings import Settings
+
+    return load_model(Settings(model=model))
+
+
+def prompt_for(tokenizer, messages=BENCH_MESSAGES):
+    from glm4.prompt import build_prompt
+
+    return build_prompt(tokenizer, messages, None, None)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[rank]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_summary() -> str:
+    import platform
+
+    import torch
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"load average {load:.1f} at start")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """`python app.py --model tiny --no-ui ...` on 127.0.0.1 as a subprocess, stopped by its PID."""
+
+    def __init__(self, *args: str, log_name: str = "server"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        self.log_path = Path("/tmp") / f"glm4-bench-{log_name}-{self.port}.log"
+        self._log = open(self.log_path, "w")
+        command = [sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-ui", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--log-level", "warning", *args]
+        self.process = subprocess.Popen(command, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def wait_ready(self, timeout: float = 120.0) -> "ServerProcess":
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: see {self.log_path}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"server not ready after {timeout} s: see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
