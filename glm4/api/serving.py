@@ -281,10 +281,12 @@ async def merged_events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, li
             else:
                 yield item
     finally:
+        # Cancelling a pump unwinds its stream, whose own `finally` cancels the engine request. Closing the
+        # streams here instead raced the pumps still inside them ("aclose(): asynchronous generator is
+        # already running"): an n > 1 stream was cut off without its error event and [DONE], a non-stream
+        # reply became a 500.
         for task in tasks:
             task.cancel()
-        for choice in choices:
-            await choice.stream.aclose()
 
 
 def delta_from_event(event) -> dict:
