@@ -148,20 +148,50 @@ class ChatService:
         prompt, params = await self.prepare(request)
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
-        if self.engine.early_errors:
-            await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
-                                   on_cancel=lambda: close_all(choices))
-        context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
-                                  started, self.metrics)
-        if request.stream and legacy:
-            return StreamingResponse(legacy_stream(context, choices[0]), media_type="application/x-ndjson",
-                                     headers=SSE_HEADERS)
-        if request.stream:
-            include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return StreamingResponse(sse_stream(context, choices, include_usage), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
-        body = await until_disconnect(full_response(context, choices), raw)
+
+        def cancel() -> None:
+            """Free whatever the engine still runs for this request (a no-op for finished choices)."""
+            for choice in choices:
+                self.engine.cancel(f"{request_id}-{choice.index}")
+
+        try:
+            if self.engine.early_errors:
+                await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
+                                       on_cancel=lambda: close_all(choices))
+            context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
+                                      started, self.metrics)
+            if request.stream and legacy:
+                return EngineStreamingResponse(legacy_stream(context, choices[0]), cancel,
+                                               media_type="application/x-ndjson", headers=SSE_HEADERS)
+            if request.stream:
+                include_usage = bool(request.stream_options and request.stream_options.include_usage)
+                return EngineStreamingResponse(sse_stream(context, choices, include_usage), cancel,
+                                               media_type="text/event-stream", headers=SSE_HEADERS)
+            body = await until_disconnect(full_response(context, choices), raw)
+        except BaseException:  # a failed choice, a gone client: the other choices must not run on for nobody
+            cancel()
+            raise
         return JSONResponse(body)
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """A StreamingResponse that cancels its engine requests however it ends.
+
+    Closing the body iterator cancels them only once it has started: a client that leaves before the first
+    chunk (while its request was being tokenized or queued) makes Starlette cancel the response before the
+    generator ever ran, and its `finally` never runs. Without this the request would decode to max_tokens
+    for nobody, holding a batch slot.
+    """
+
+    def __init__(self, content, cancel, **kwargs):
+        super().__init__(content, **kwargs)
+        self.cancel = cancel
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.cancel()
 
 
 def first(*values):
