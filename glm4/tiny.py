@@ -4,14 +4,15 @@
 architecture `GlmForCausalLM` (model_type `glm`, native in transformers, no remote code), a byte-level
 BPE tokenizer whose special tokens sit at the end of the vocabulary in GLM-4's order, the same stop ids
 (`<|endoftext|>`, `<|user|>`, `<|observation|>`), a post-processor that prepends `[gMASK]<sop>`, and a
-chat template that renders prompts byte-identical to the real checkpoint's (see
-/work/shared/glm4-format.md). Everything that works on it works on the real weights.
+chat template that renders prompts byte-identical to the real checkpoint's (see shared/glm4-format.md
+and tests/data/glm4_prompts.json). Everything that works on it works on the real weights.
 
 `build_tiny()` writes such a checkpoint with random weights; `glm4.tiny_train` trains the committed
-one on `assets/tiny_corpus.jsonl` and saves it through `save_checkpoint()` below.
+one on `assets/tiny_corpus.jsonl` (a few hundred Chinese/English conversations about this server) and
+saves it through `save_checkpoint()` below.
 
-    python -m glm4.tiny --out /tmp/tiny-glm4      # random-weight checkpoint (tokenizer from the corpus)
-    python -m glm4.tiny_train                      # the trained checkpoint in assets/tiny-glm4
+    python -m glm4.tiny_train                      # rebuild the committed, trained assets/tiny-glm4
+    python -m glm4.tiny --out /tmp/tiny-random     # a random-weight checkpoint with the same tokenizer
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ BPE_VOCAB_SIZE = 3000  # BPE tokens before the 10 special tokens; enough to merg
 # fp16 weights stay well under 20 MB. head_dim must be set explicitly (GlmConfig defaults to 128).
 TINY_SIZES = dict(
     hidden_size=256,
-    intermediate_size=688,
+    intermediate_size=704,  # a multiple of 64: bitsandbytes' CPU 4-bit kernels quantize in 64-wide blocks
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,  # grouped-query attention, as in GLM-4 (32 heads, 2 KV heads)
@@ -122,8 +123,8 @@ DEFAULT_CORPUS = [
 ]
 
 
-def build_tokenizer(corpus_texts: list[str]):
-    """Train a byte-level BPE on the texts and wrap it as a GLM-4-style fast tokenizer."""
+def build_tokenizer(texts: list[str]):
+    """Train a byte-level BPE on DEFAULT_CORPUS + texts; wrap it as a GLM-4-style fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -138,7 +139,7 @@ def build_tokenizer(corpus_texts: list[str]):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so nothing is unknown
         show_progress=False,
     )
-    tok.train_from_iterator(corpus_texts, trainer=trainer)
+    tok.train_from_iterator(DEFAULT_CORPUS + list(texts), trainer=trainer)
     # Added after training so they take the last ids, in GLM-4's order.
     tok.add_special_tokens(SPECIAL_TOKENS)
     tok.post_processor = processors.TemplateProcessing(
@@ -230,31 +231,42 @@ def _embed_chat_template(out: Path, template: str) -> None:
 
 def build_tiny(out_dir: str | Path, corpus_texts: list[str] | None = None, seed: int = 0) -> Path:
     """Write a random-weight tiny GLM-4 checkpoint whose BPE is trained on corpus_texts."""
-    texts = list(corpus_texts) if corpus_texts else []
-    tokenizer = build_tokenizer(DEFAULT_CORPUS + texts)
+    tokenizer = build_tokenizer(corpus_texts or [])
     model = build_model(tokenizer, seed=seed)
     return save_checkpoint(model, tokenizer, out_dir)
 
 
-def load_corpus_texts(path: str | Path = TINY_CORPUS_PATH) -> list[str]:
-    """Every system, user and assistant text of the JSONL corpus (one conversation per line)."""
+def load_corpus(path: str | Path = TINY_CORPUS_PATH) -> list[dict]:
+    """The JSONL corpus: one OpenAI-shaped conversation per line, {"messages": [...], "tools": [...]}."""
     path = Path(path)
     if not path.exists():
         return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def conversation_texts(conversations: list[dict]) -> list[str]:
+    """Every text the chat template will put around the special tokens, for training the BPE."""
     texts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            texts.extend(m["content"] for m in json.loads(line)["messages"])
+    for conv in conversations:
+        for message in conv["messages"]:
+            if message.get("content"):
+                texts.append(message["content"])
+            for call in message.get("tool_calls") or []:
+                texts.append(call["function"]["name"] + "\n" + call["function"]["arguments"])
+        for tool in conv.get("tools") or []:
+            texts.append(json.dumps(tool["function"], ensure_ascii=False, indent=4))
     return texts
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=TINY_MODEL_DIR, help="checkpoint directory to write")
+    # No default: writing random weights over the trained assets/tiny-glm4 is never what one wants.
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--corpus", type=Path, default=TINY_CORPUS_PATH, help="JSONL corpus for the BPE")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     args = parser.parse_args(argv)
-    out = build_tiny(args.out, load_corpus_texts(args.corpus), seed=args.seed)
+    out = build_tiny(args.out, conversation_texts(load_corpus(args.corpus)), seed=args.seed)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

@@ -1,5 +1,6 @@
 """The embedded tiny GLM-4 (assets/tiny-glm4): loads natively, matches GLM-4's tokens and prompts."""
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -10,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from glm4.tiny import SPECIAL_TOKENS, STOP_TOKENS, TINY_MODEL_DIR
+from glm4.tiny import SPECIAL_TOKENS, STOP_TOKENS, TINY_MODEL_DIR, load_corpus
 
-FIXTURES = Path("/work/shared/fixtures/glm4_prompts.json")
-CASES = json.loads(FIXTURES.read_text(encoding="utf-8")) if FIXTURES.exists() else []
+FIXTURES = Path(__file__).resolve().parent / "data" / "glm4_prompts.json"  # copy of shared/fixtures
+CASES = json.loads(FIXTURES.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +103,40 @@ def test_forward_and_generate(tokenizer, model):
     assert logits.shape == (1, ids.shape[1], len(tokenizer))
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert out.shape[0] == 1 and ids.shape[1] < out.shape[1] <= ids.shape[1] + 8
+
+
+def _corpus_answer(question: str) -> str:
+    """The corpus reply to a single-turn question without a system prompt."""
+    for conv in load_corpus():
+        messages = conv["messages"]
+        if not conv.get("tools") and len(messages) == 2 and messages[0]["content"] == question:
+            return messages[1]["content"]
+    raise LookupError(question)
+
+
+HELD_IN_QUESTIONS = ["你好", "How do I use 4-bit?", "What is this server?", "怎么用 curl 调用 API？", "你是谁？"]
+
+
+@pytest.fixture(scope="module")
+def greedy_replies(tokenizer, model):
+    """{question: generated ids} from one left-padded greedy `generate` over all held-in questions."""
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)["input_ids"]
+        for q in HELD_IN_QUESTIONS
+    ]
+    batch = tokenizer.pad({"input_ids": encoded}, padding=True, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=200, do_sample=False)  # (questions, prompt + new)
+    return dict(zip(HELD_IN_QUESTIONS, out[:, batch["input_ids"].shape[1] :].tolist()))
+
+
+@pytest.mark.parametrize("question", HELD_IN_QUESTIONS)
+def test_greedy_reply_to_corpus_prompt_stops_and_matches(tokenizer, model, greedy_replies, question):
+    """Issue 10: the trained weights answer held-in prompts legibly and stop on a GLM-4 stop token."""
+    out = greedy_replies[question]
+    stop = next((i for i, t in enumerate(out) if t in model.config.eos_token_id), None)
+    assert stop is not None, "the reply must end on a stop token before max_new_tokens"
+    reply = tokenizer.decode(out[:stop])
+    assert reply.startswith("\n")  # GLM-4's first generated token is the newline after <|assistant|>
+    reply = reply[1:]
+    assert "\ufffd" not in reply
+    assert difflib.SequenceMatcher(None, reply, _corpus_answer(question)).ratio() >= 0.6, reply
