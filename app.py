@@ -97,18 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level)
     from glm4.loading import ModelLoadError
     from glm4.placement import PlacementError
+    from glm4.server import UnsafeSettings, check_ui_protection, create_app
 
     try:
         if settings.plan_only:
             return plan_only(settings)
+        check_ui_protection(settings)  # before loading a model: a refusal should take a second, not minutes
+        warn_if_exposed(settings)
         engine = build_engine(settings)
-    except (ModelLoadError, PlacementError) as error:
+    except (ModelLoadError, PlacementError, UnsafeSettings) as error:
         log.error("%s", error)
         return 2
-    from glm4.server import create_app
-
     app = create_app(settings, engine)
-    warn_if_exposed(settings)
     ui = "off" if settings.no_ui else f"http://{settings.host}:{settings.port}{settings.root_path}/"
     log.info("Serving %s: API http://%s:%d%s/v1 · UI %s", engine.info.name, settings.host, settings.port,
              settings.root_path, ui)

@@ -121,7 +121,22 @@ def describe_request_models(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi
 
 
+class UnsafeSettings(ValueError):
+    """Settings that would leave a way to generate open although the operator asked for auth."""
+
+
+def check_ui_protection(settings: Settings) -> None:
+    """--api-key guards /v1 only. Gradio's own routes (/gradio_api/queue/join, /gradio_api/call/respond, ...)
+    reach the same engine, so with a key set the UI must be behind --ui-auth (Gradio's login, which those
+    routes check) or off. Refusing to start beats serving a protected API next to an open back door."""
+    if settings.api_key and not settings.no_ui and not settings.ui_auth:
+        raise UnsafeSettings("--api-key protects /v1, but the chat UI at / and its Gradio API (/gradio_api/...), "
+                             "which can generate too, would stay open: add --ui-auth user:password, or --no-ui. "
+                             "See docs/SECURITY.md.")
+
+
 def create_app(settings: Settings, engine: Engine) -> FastAPI:
+    check_ui_protection(settings)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
