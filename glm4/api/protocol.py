@@ -131,6 +131,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     # --- extensions (not in OpenAI's API) ---
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    ignore_eos: bool | None = None  # as in vLLM: keep generating through stop tokens (benchmarks, load tests)
     stream_format: Literal["openai", "legacy"] | None = None  # "legacy": the old project's NDJSON stream
     # test hooks (--test-hooks only), left out of the OpenAPI spec:
     test_force_output: SkipJsonSchema[str | None] = None  # the model must write exactly this

@@ -96,6 +96,7 @@ class ChatService:
             stop=request.stops,
             seed=request.seed,
             repetition_penalty=first(request.repetition_penalty, 1.0),
+            ignore_eos=bool(request.ignore_eos),
             presence_penalty=first(request.presence_penalty, 0.0),
             frequency_penalty=first(request.frequency_penalty, 0.0),
         )

@@ -56,6 +56,7 @@ def request_body(prompt: Prompt, params: SamplingParams, model: str) -> dict[str
                 "frequency_penalty": params.frequency_penalty or None,
                 "top_k": params.top_k or None,
                 "repetition_penalty": params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+                "ignore_eos": params.ignore_eos or None,
                 "tools": prompt.tools, "tool_choice": prompt.tool_choice if prompt.tools else None}
     body.update({key: value for key, value in optional.items() if value is not None})
     return body
