@@ -2,9 +2,10 @@
 
 Starts two servers with the tiny model (subprocesses, stopped by PID afterwards): the shipped
 scheduler (`--max-num-seqs 8` by default) and `--max-num-seqs 1` as the "before batching" baseline.
-For 1, 2, 4, 8, 16 concurrent clients (the official `openai` AsyncOpenAI SDK, streaming) it runs both
-servers back to back at each level, so machine noise hits both alike, and reports aggregate tok/s,
-per-stream tok/s (a client's decode rate once its first token arrived), TTFT p50/p95.
+For 1, 2, 4, 8, 16 concurrent clients (the official `openai` AsyncOpenAI SDK, streaming) it runs the
+two servers in turns at each level (ABBA..., --repeats runs each), so machine noise hits both alike,
+and reports aggregate tok/s (median run), per-stream tok/s (a client's decode rate once its first
+token arrived), TTFT p50/p95, and the server's CPU time per token (robust to other load on the box).
 
 Every request makes the same number of tokens: by default the server runs with --test-hooks and
 each request forces a fixed reply (`test_force_output`), so the count does not depend on the weights
@@ -23,7 +24,7 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common import RESULTS, ServerProcess, machine_summary, markdown_table, median, percentile
 
@@ -46,10 +47,23 @@ class LevelResult:
     tokens: int
     seconds: float
     results: list[RequestResult]
+    cpu_seconds: float = 0.0  # the server process's CPU time (all threads) during the level
+    rates: list[float] = field(default_factory=list)  # aggregate tok/s of each repeat
 
     @property
     def aggregate(self) -> float:
-        return self.tokens / self.seconds
+        """Median over repeats of (tokens / wall time)."""
+        return median(self.rates) if self.rates else self.tokens / self.seconds
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        """Server CPU per generated token: what batching saves, whatever else the machine is doing."""
+        return self.cpu_seconds / self.tokens * 1000
+
+    def merge(self, other: "LevelResult") -> "LevelResult":
+        return LevelResult(self.server, self.clients, self.requests + other.requests, self.tokens + other.tokens,
+                           self.seconds + other.seconds, self.results + other.results,
+                           self.cpu_seconds + other.cpu_seconds, self.rates + other.rates)
 
     @property
     def per_stream(self) -> float:
@@ -104,9 +118,17 @@ async def one_request(client, args, text: str | None) -> RequestResult:
     return RequestResult(tokens, first - started, last - first, time.perf_counter() - started)
 
 
+def server_cpu_seconds(server: ServerProcess) -> float:
+    import psutil
+
+    times = psutil.Process(server.process.pid).cpu_times()
+    return times.user + times.system
+
+
 async def run_level(server: ServerProcess, name: str, clients: int, args, text: str | None) -> LevelResult:
     from openai import AsyncOpenAI
 
+    cpu_before = server_cpu_seconds(server)
     async with AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600) as client:
         async def worker() -> list[RequestResult]:
             return [await one_request(client, args, text) for _ in range(args.rounds)]
@@ -115,7 +137,9 @@ async def run_level(server: ServerProcess, name: str, clients: int, args, text: 
         per_client = await asyncio.gather(*(worker() for _ in range(clients)))
         seconds = time.perf_counter() - started
     results = [result for results in per_client for result in results]
-    return LevelResult(name, clients, len(results), sum(r.tokens for r in results), seconds, results)
+    tokens = sum(r.tokens for r in results)
+    return LevelResult(name, clients, len(results), tokens, seconds, results, server_cpu_seconds(server) - cpu_before,
+                       [tokens / seconds])
 
 
 def plot(levels: list[int], batched: list[LevelResult], baseline: list[LevelResult], path, title: str) -> None:
@@ -148,6 +172,7 @@ async def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8,16", help="comma-separated concurrency levels")
     parser.add_argument("--tokens", type=int, default=128, help="completion tokens per request")
     parser.add_argument("--rounds", type=int, default=2, help="requests each client sends back to back")
+    parser.add_argument("--repeats", type=int, default=4, help="runs per level and server, interleaved; medians")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="the batched server's --max-num-seqs")
     parser.add_argument("--mode", choices=("forced", "sampled"), default="forced")
     parser.add_argument("--out", default=str(RESULTS), help="folder for concurrency.md / concurrency.png")
@@ -166,13 +191,20 @@ async def main() -> None:
             server.wait_ready()
             await run_level(server, "warm-up", 2, args, text)
         for clients in levels:
-            for server, name, results in ((servers[0], batched_name, batched), (servers[1], baseline_name, baseline)):
-                result = await run_level(server, name, clients, args, text)
+            merged: dict[str, LevelResult] = {}
+            for repeat in range(args.repeats):
+                pair = ((servers[0], batched_name), (servers[1], baseline_name))
+                for server, name in pair if repeat % 2 == 0 else pair[::-1]:  # ABBA...: no first-mover bias
+                    result = await run_level(server, name, clients, args, text)
+                    merged[name] = merged[name].merge(result) if name in merged else result
+            for name, results in ((batched_name, batched), (baseline_name, baseline)):
+                result = merged[name]
                 results.append(result)
                 print(f"{name:>17} clients={clients:>2}: aggregate {result.aggregate:7.1f} tok/s  per-stream "
                       f"{result.per_stream:6.1f} tok/s  TTFT p50 {result.ttft_p50 * 1000:6.0f} ms  p95 "
-                      f"{result.ttft_p95 * 1000:6.0f} ms  ({result.tokens / result.requests:.0f} tok/request)",
-                      flush=True)
+                      f"{result.ttft_p95 * 1000:6.0f} ms  server CPU {result.cpu_ms_per_token:.2f} ms/token  "
+                      f"({result.tokens / result.requests:.0f} tok/request, runs "
+                      f"{', '.join(f'{rate:.0f}' for rate in result.rates)})", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -180,21 +212,26 @@ async def main() -> None:
     rows = []
     for mine, before in zip(batched, baseline):
         rows.append([mine.clients, mine.aggregate, mine.per_stream, mine.ttft_p50 * 1000, mine.ttft_p95 * 1000,
-                     before.aggregate, before.per_stream, before.ttft_p50 * 1000, before.ttft_p95 * 1000,
+                     f"{mine.cpu_ms_per_token:.2f}", before.aggregate, before.per_stream, before.ttft_p50 * 1000,
+                     before.ttft_p95 * 1000, f"{before.cpu_ms_per_token:.2f}",
                      f"{mine.aggregate / batched[0].aggregate:.2f}x"])
-    header = ["clients", "aggregate tok/s", "per-stream tok/s", "TTFT p50 ms", "TTFT p95 ms",
-              "before: aggregate", "before: per-stream", "before: TTFT p50", "before: TTFT p95", "scaling"]
+    header = ["clients", "aggregate tok/s", "per-stream tok/s", "TTFT p50 ms", "TTFT p95 ms", "server CPU ms/tok",
+              "before: aggregate", "before: per-stream", "before: TTFT p50", "before: TTFT p95",
+              "before: CPU ms/tok", "scaling"]
     table = markdown_table(header, rows)
     single_ratio = batched[0].aggregate / baseline[0].aggregate
     lines = [f"single client vs before batching: {single_ratio:.2f}x (target >= 0.95)"]
     if 8 in levels:
-        scale8 = batched[levels.index(8)].aggregate / batched[0].aggregate
+        eight = batched[levels.index(8)]
+        scale8 = eight.aggregate / batched[0].aggregate
         verdict = "meets" if scale8 >= 5 else "above the 4x floor, misses" if scale8 >= 4 else "MISSES"
         lines.insert(0, f"aggregate at 8 clients = {scale8:.2f}x single ({verdict} the >= 5x target)")
+        lines.append(f"server CPU per token at 8 clients = 1/{batched[0].cpu_ms_per_token / eight.cpu_ms_per_token:.2f}"
+                     " of single (the scaling a machine with a free core for the engine would see)")
     tokens = batched[0].tokens / batched[0].requests
     setup = (f"{machine_summary()}; tiny GLM-4 on CPU; {args.mode} replies of {tokens:.0f} tokens, {args.rounds} "
-             f"requests per client back to back; batched = `{batched_name}`, before = `{baseline_name}`, "
-             "both servers measured back to back at each level")
+             f"requests per client back to back; batched = `{batched_name}`, before = `{baseline_name}`; "
+             f"at each level the two servers take turns (ABBA...), {args.repeats} runs each (aggregate = median run)")
     print()
     print(table)
     print("\n".join(lines))
