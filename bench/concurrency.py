@@ -227,7 +227,7 @@ async def main() -> None:
         verdict = "meets" if scale8 >= 5 else "above the 4x floor, misses" if scale8 >= 4 else "MISSES"
         lines.insert(0, f"aggregate at 8 clients = {scale8:.2f}x single ({verdict} the >= 5x target)")
         lines.append(f"server CPU per token at 8 clients = 1/{batched[0].cpu_ms_per_token / eight.cpu_ms_per_token:.2f}"
-                     " of single (the scaling a machine with a free core for the engine would see)")
+                     " of single (CPU time: moves less with other load on the box than wall-clock)")
     tokens = batched[0].tokens / batched[0].requests
     setup = (f"{machine_summary()}; tiny GLM-4 on CPU; {args.mode} replies of {tokens:.0f} tokens, {args.rounds} "
              f"requests per client back to back; batched = `{batched_name}`, before = `{baseline_name}`; "
