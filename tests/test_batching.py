@@ -274,10 +274,10 @@ async def test_dropped_streaming_client_is_cancelled(server):
     cancelled = server.metric("glm4_requests_cancelled_total")
     async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as client:
         response = await open_stream(client, chat_body(LONG_TEXT, stream=True))
-        assert server.metric("glm4_requests_running") == 1
+        await wait_metric(server, "glm4_requests_running", lambda value: value >= 1)
         started = time.monotonic()
         await response.aclose()  # the connection goes away mid-stream
-    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value == cancelled + 1, timeout=5)
+    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value >= cancelled + 1, timeout=5)
     await wait_metric(server, "glm4_requests_running", lambda value: value == 0, timeout=5)
     assert time.monotonic() - started < 5
 
@@ -297,11 +297,11 @@ async def test_dropped_non_streaming_client_is_cancelled(server):
     cancelled = server.metric("glm4_requests_cancelled_total")
     sock = raw_post(server.url, chat_body(LONG_TEXT, stream=False))
     try:
-        await wait_metric(server, "glm4_requests_running", lambda value: value == 1)
+        await wait_metric(server, "glm4_requests_running", lambda value: value >= 1)
     finally:
         started = time.monotonic()
         sock.close()
-    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value == cancelled + 1, timeout=5)
+    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value >= cancelled + 1, timeout=5)
     await wait_metric(server, "glm4_requests_running", lambda value: value == 0, timeout=5)
     assert time.monotonic() - started < 5
 
@@ -311,5 +311,5 @@ async def test_non_streaming_client_timeout_is_cancelled(server):
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(TIMEOUT, read=0.5)) as client:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
             await client.post("/v1/chat/completions", json=chat_body(LONG_TEXT, stream=False))
-    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value == cancelled + 1, timeout=5)
+    await wait_metric(server, "glm4_requests_cancelled_total", lambda value: value >= cancelled + 1, timeout=5)
     await wait_metric(server, "glm4_requests_running", lambda value: value == 0, timeout=5)
