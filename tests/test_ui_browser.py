@@ -160,6 +160,12 @@ def test_chat_streams_in_chinese_stops_in_the_engine_and_goes_on(page, ui_server
     set_parameters(page, system="", temperature=0, max_tokens=256)
     wait_idle(page, send(page, "你好"))
     assert bot_texts(page)[-1].strip()
+
+    # A fresh conversation for the screenshot: the tiny model answers single questions from its corpus.
+    page.get_by_role("button", name="New chat").click()
+    page.wait_for_function("document.querySelectorAll('#glm4-chatbot [data-testid=user]').length === 0")
+    wait_idle(page, send(page, "你好"))
+    assert "GLM-4" in bot_texts(page)[-1]  # the trained tiny model introduces itself, in Chinese
     page.get_by_text("Parameters").click()  # fold the parameters away for the screenshot
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui.png"))
