@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def test_fixture_copy_is_current():
     """tests/data carries a copy so the suite runs anywhere; it must not drift from shared/."""
     shared = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "glm4_prompts.json"
     if not shared.exists():
+        if os.environ.get("CI"):  # CI always has shared/ beside the clone: a missing copy is a failure there
+            pytest.fail(f"{shared} is missing")
         pytest.skip("no ../shared beside this checkout")
     assert json.loads(shared.read_text(encoding="utf-8")) == CASES
 
