@@ -16,8 +16,7 @@ import httpx
 import pytest
 
 from glm4.engine.base import EngineOverloaded, FinishReason, SamplingParams
-from tests.test_engine import (TIMEOUT, chat_prompt, collect, forced, ids_of, long_params, text_of,
-                               wait_for)
+from tests.test_engine import (TIMEOUT, chat_prompt, collect, forced, ids_of, long_params, text_of)
 
 PROMPTS = ["hi", "What flags does the server take?", "你好，请介绍一下你自己。", "Tell me a story about a robot "
            "who paints, in three parts, with a moral at the end.", "1 + 1 = ?", "ok", "Explain batching.", "🙂"]

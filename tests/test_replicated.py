@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 from glm4.engine.base import SamplingParams
 from glm4.engine.local import LocalEngine

@@ -23,7 +23,7 @@ from glm4.engine.base import (Delta, Engine, EngineOverloaded, EngineUnavailable
                               SamplingParams)
 from glm4.prompt import PromptError, build_prompt
 from glm4.settings import Settings
-from glm4.tools import ToolCallStreamParser, parse_tool_call
+from glm4.tools import ToolCallStreamParser
 
 log = logging.getLogger(__name__)
 
