@@ -11,7 +11,8 @@ How the run is shaped (and why):
 - `cap_generation` keeps the tiny model's work small: `max_tokens`/`max_completion_tokens` above 4 become 4
   (and `max_tokens: 4` is added when neither is set: a whole context window would take seconds), and an
   `n` of 3..16 becomes 2. Values the schema forbids (n > 16, negative numbers, wrong types) are left alone.
-- Hypothesis is derandomized (same cases every run) and its example database is off. Requests go out from a
+- Hypothesis is derandomized and its example database is off, and it is kept from mixing literals of the
+  local modules into the data (`without_local_constants`): the same cases every run. Requests go out from a
   few threads while the next cases are generated, so the engine batches them, as with real clients.
 - Every response gets schemathesis' checks (status code documented, content type, response schema,
   negative data rejected, positive data accepted) plus ours: no 5xx, the error envelope, and streams that end
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import copy
 import json
 import threading
@@ -188,6 +190,28 @@ def refusal_reason(response) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def without_local_constants():
+    """Hypothesis mixes literals from every local module that is loaded (all collected test files, the calling
+    script) into the data it draws, so the cases would change whenever unrelated code does. Draw with its global
+    constants only. NOTE(reliability): a private hook of hypothesis 6.1xx; if it moves, generation still works,
+    only less reproducibly."""
+    try:
+        from hypothesis.internal.conjecture import providers
+
+        original, empty = providers._get_local_constants, providers.Constants()
+    except (ImportError, AttributeError):
+        yield
+        return
+    providers._get_local_constants = lambda: empty
+    providers.CONSTANTS_CACHE.cache.clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = original
+        providers.CONSTANTS_CACHE.cache.clear()
+
+
 def generate(schema, mode: str, label: str, budget: int) -> list:
     """Draw up to `budget` cases for one operation (deterministic: derandomized hypothesis, no database)."""
     from hypothesis import HealthCheck, Phase, given, settings
@@ -207,7 +231,8 @@ def generate(schema, mode: str, label: str, budget: int) -> list:
         cases.append(case)
 
     try:
-        collect()
+        with without_local_constants():
+            collect()
     except Unsatisfiable:  # no schema-invalid data exists for this operation (e.g. a bare string path parameter)
         pass
     return cases
