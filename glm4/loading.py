@@ -194,7 +194,7 @@ def load_model(settings: Settings) -> LoadedModel:
     info = ModelInfo(
         name=name, source=source, quantization=quantization, dtype=dtype_name, placement=plan.summary,
         max_model_len=max_len, aliases=model_aliases(name, source), created=int(time.time()),
-        generation_defaults=generation_defaults(source),
+        generation_defaults=generation_defaults(source), vocab_size=int(config.vocab_size),
     )
     log.info("Loaded %s (%s, %s) in %.1f s", source, QUANTIZATION_LABELS[quantization], dtype_name, seconds)
     return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, load_seconds=seconds,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Protocol
 
 
 class FinishReason(str, enum.Enum):
@@ -18,6 +18,33 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens (or the context window) was reached
     CANCELLED = "cancelled"  # cancel(request_id) or a dropped client
     ERROR = "error"  # the generation failed; Delta.error says why
+
+
+class MatcherError(Exception):
+    """A grammar matcher refused a token or broke: fails only the request that owns it."""
+
+
+class Matcher(Protocol):
+    """One request's grammar state (glm4.engine.constraints builds them). The engine calls, per decode step:
+    `fill_bitmask` before sampling, then `accept` with the sampled token. Never shared between requests."""
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> bool:
+        """Write the allowed next tokens into bitmask[row] (int32 words, bit i of word w = token 32*w+i);
+        False when nothing is constrained at this step (e.g. an `auto` tool call that has not started)."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past a sampled token; raises MatcherError when the grammar does not allow it."""
+
+    def is_finished(self) -> bool:
+        """The grammar is complete: the reply ends here (finish reason "stop")."""
+
+
+class Constraint(Protocol):
+    """A compiled grammar (JSON schema, JSON object, GLM-4 tool call); compiled once per request by the chat
+    core, so an unsupported schema is a 400 before anything runs."""
+
+    def new_matcher(self) -> Matcher:
+        """A fresh matcher at the start of the reply (one per choice of an n > 1 request)."""
 
 
 @dataclass
@@ -35,6 +62,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     ignore_eos: bool = False  # benchmarks: keep generating through stop tokens up to max_tokens
     allowed_prefixes: list[list[int]] | None = None  # output must start with one of these token sequences
+    constraint: Constraint | None = None  # grammar the reply must follow (response_format, strict tools)
+    logprobs: int | None = None  # None = off; 0 = the chosen token's logprob; n = also the n most likely (<= 20)
     fault: str | None = None  # test hook ("error" | "oom"): honoured only by engines built with test_hooks
 
     @property
@@ -51,12 +80,15 @@ class Prompt:
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     prefix: str = ""  # text already forced after <|assistant|> (a forced tool name + "\n")
+    cache_salt: str = ""  # KV of this prompt is reused only by prompts with the same salt (API key, UI user)
+    cache_hint: str | None = None  # OpenAI's prompt_cache_key: which cached conversation to try first
 
 
 @dataclass
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not prefilled again)
 
     @property
     def total_tokens(self) -> int:
@@ -64,11 +96,27 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """Log-probability of one token under the model's own logits (before temperature, penalties and masks)."""
+
+    token_id: int
+    token: str  # the token's text; a token that holds part of a UTF-8 character shows U+FFFD, see `bytes`
+    logprob: float
+    bytes: list[int]  # the token's exact UTF-8 bytes
+    top: list["TokenLogprob"] = field(default_factory=list)  # the n most likely tokens at this step, best first
+
+
+@dataclass
 class Delta:
-    """One step of a request's stream. The last delta has finish_reason and usage set."""
+    """One step of a request's stream. The last delta has finish_reason and usage set.
+
+    `text` never holds special tokens except `<|assistant|>`, which GLM-4 writes between two tool calls of
+    one reply: the chat core splits calls on it and never shows it as content.
+    """
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR
@@ -93,6 +141,7 @@ class ModelInfo:
     aliases: list[str] = field(default_factory=list)  # other accepted model names
     created: int = 0  # unix time the model was loaded
     generation_defaults: dict[str, Any] = field(default_factory=dict)  # temperature/top_p from the checkpoint
+    vocab_size: int = 0  # rows of the model's logits (may exceed the tokenizer's vocabulary); grammar masks use it
 
 
 class EngineOverloaded(Exception):
