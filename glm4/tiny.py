@@ -51,7 +51,7 @@ TINY_SIZES = dict(
     num_attention_heads=4,
     num_key_value_heads=2,  # grouped-query attention, as in GLM-4 (32 heads, 2 KV heads)
     head_dim=64,
-    max_position_embeddings=8192,
+    max_position_embeddings=32768,  # rope stretched past the short training sequences: long-prompt paths run offline
 )
 
 # The system block GLM-4's own template writes when tools are offered (glm4-format.md, "Tools").
