@@ -29,10 +29,30 @@ def plan_only(settings) -> int:
 
     source = resolve_model_source(settings.model, has_gpu=bool(settings.simulate_gpus) or None)
     config = load_config(source, settings)
-    plan, quantization, dtype, max_len = plan_for(settings, config)
-    print(f"model: {source}  quantization: {quantization}  dtype: {dtype}  max model len: {max_len}")
+    plan, quantization, dtype, slots = plan_for(settings, config)
+    print(f"model: {source}  quantization: {quantization}  dtype: {dtype}  max model len: {slots.max_model_len}")
     print(describe_plan(plan))
+    print(f"KV {slots.describe()}")
+    for note in slots.notes:
+        print(f"  {note}")
+    print(describe_prefix_reuse(settings, slots, replicas=len(plan.replicas)))
     return 0
+
+
+def describe_prefix_reuse(settings, slots, replicas: int) -> str:
+    """What --plan-only says about prefix reuse: conversations kept warm on the GPU and in host memory."""
+    from glm4.loading import host_cache_bytes
+
+    if settings.no_enable_prefix_caching:
+        return "Prefix reuse: off (--no-enable-prefix-caching): every prompt is prefilled from token 0"
+    full = sum(1 for capacity in slots.capacities if capacity == slots.max_model_len)
+    host = host_cache_bytes(settings, replicas)
+    host_tokens = host // slots.kv_bytes_per_token if slots.kv_bytes_per_token else 0
+    return (f"Prefix reuse: finished requests keep their KV in their slots, so up to {len(slots.capacities)} "
+            f"conversations stay warm in the slots{' per replica' if replicas > 1 else ''} ({full} of full length, "
+            f"{slots.max_model_len} tokens); the host cache (--cache-ram {host / 2**30:.1f} GiB"
+            f"{' per replica' if replicas > 1 else ''}) keeps {host_tokens} tokens more, "
+            f"{host_tokens // max(1, slots.max_model_len)} conversation(s) of full length.")
 
 
 def build_engine(settings):
@@ -43,11 +63,15 @@ def build_engine(settings):
         return UpstreamEngine(settings)
     from glm4.engine.local import LocalEngine
     from glm4.engine.replicated import ReplicatedEngine
-    from glm4.loading import load_model
+    from glm4.loading import host_cache_bytes, load_model
 
     loaded = load_model(settings)
-    engines = [LocalEngine(model, loaded.tokenizer, loaded.info, max_num_seqs=settings.max_num_seqs,
-                           max_queue=settings.max_queue, test_hooks=settings.test_hooks, compile=settings.compile)
+    cache_bytes = host_cache_bytes(settings, replicas=len(loaded.models))
+    engines = [LocalEngine(model, loaded.tokenizer, loaded.info, max_queue=settings.max_queue,
+                           test_hooks=settings.test_hooks, compile=settings.compile,
+                           slot_capacities=loaded.slots.capacities,
+                           prefix_caching=not settings.no_enable_prefix_caching, cache_ram_bytes=cache_bytes,
+                           cuda_graphs=not settings.enforce_eager)
                for model in loaded.models]
     return engines[0] if len(engines) == 1 else ReplicatedEngine(engines)
 

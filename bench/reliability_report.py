@@ -134,8 +134,10 @@ def run_faults_on(live) -> list[dict]:
         attempt("CUDA OOM (simulated), not streamed", faults.fault_non_stream, live, "oom"),
         attempt("CUDA OOM with n=2, streamed", faults.fault_in_stream, live, "oom", 2),
         attempt("CUDA OOM with n=2, not streamed", faults.fault_non_stream, live, "oom", 2),
-        attempt("CUDA OOM in one of 6 concurrent requests (the others may share its step)",
-                faults.oom_with_bystanders, live),
+        attempt("CUDA OOM in 1 of 7 concurrent streams, 20 rounds (the 6 others must finish normally)",
+                faults.fault_with_bystanders, live, "oom"),
+        attempt("exception in 1 of 7 concurrent streams, 20 rounds (the 6 others must finish normally)",
+                faults.fault_with_bystanders, live, "error"),
     ]
 
 

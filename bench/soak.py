@@ -6,12 +6,14 @@
 The traffic (each client loops, drawing one action at a time from MIX): streamed and whole replies, clients
 that reset the connection mid-stream (TCP RST), malformed bodies, wrong types, oversized bodies (413), failing
 model steps (the --test-hooks fault), unknown models, and more clients than batch slots + queue places, so 429s
-happen too (a refused client backs off for 0.25 s). A failing step fails every request decoding in that
-step, so some plain requests end in 500/503 next to the injected faults. Every few seconds the server process' RSS, open file descriptors and threads are sampled (psutil).
+happen too (a refused client backs off for 0.25 s). A failing step fails only the request that carries the
+fault; the requests decoding beside it go on. Every few seconds the server process' RSS, open file descriptors
+and threads are sampled (psutil).
 
-Writes bench/results/soak.png (the curves), soak.md (the table and verdict) and soak.json. The verdict compares
-the samples right after the warm-up with the last ones: growth above a few MB of RSS or any lasting rise in file
-descriptors is reported as a leak. Not a test: it takes minutes (tests/test_load.py is the bounded version).
+Writes bench/results/soak.png (the curves), soak.md (the table and verdict) and soak.json. The verdict fails on
+any 5xx, stream without [DONE] or dropped connection of a request that carried no fault, and on growth: the
+samples right after the warm-up against the last ones, growth above a few MB of RSS or any lasting rise in file
+descriptors is a leak. Not a test: it takes minutes (tests/test_load.py is the bounded version).
 """
 
 from __future__ import annotations
@@ -125,6 +127,21 @@ def verdict(samples: list[dict], warmup_s: float) -> dict:
     return result
 
 
+INNOCENT_ACTIONS = ("stream", "whole", "n_choices")  # requests that carry no fault of their own
+
+
+def innocent_failures(outcomes: Counter | dict) -> dict[str, int]:
+    """Outcomes of fault-free requests that are failures: a 5xx, a stream without [DONE], a dropped connection.
+    (A 429 is the server saying "busy, retry": the client backs off, as told.)"""
+    bad = {}
+    for label, count in outcomes.items():
+        action, _, outcome = label.partition(" ")
+        if action in INNOCENT_ACTIONS and (outcome.startswith("5") or "unterminated" in outcome
+                                           or not outcome[:1].isdigit()):
+            bad[label] = count
+    return bad
+
+
 def plot(samples: list[dict], warmup_s: float, path) -> None:
     import matplotlib
 
@@ -189,12 +206,22 @@ def main() -> int:
     result.update(minutes=args.minutes, clients=args.clients, requests=done, warmup_s=warmup,
                   machine=machine_summary(), date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   idle_after=running, outcomes=dict(sorted(outcomes.items())))
+    result["innocent_failures"] = innocent_failures(outcomes)
+    result["failed"] = result["leak"] or bool(result["innocent_failures"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(samples, warmup, RESULTS / "soak.png")
     (RESULTS / "soak.json").write_text(json.dumps({"result": result, "samples": samples}, indent=1))
     (RESULTS / "soak.md").write_text(report(result, samples))
     print(report(result, samples))
-    return 1 if result["leak"] else 0
+    return 1 if result["failed"] else 0
+
+
+def verdict_words(result: dict) -> str:
+    words = ["GROWTH — see below" if result["leak"] else "no growth after warm-up"]
+    innocent = sum(result["innocent_failures"].values())
+    words.append(f"{innocent} fault-free request(s) failed (5xx, no [DONE] or dropped): FAIL" if innocent
+                 else "0 fault-free requests failed")
+    return "; ".join(words)
 
 
 def report(result: dict, samples: list[dict]) -> str:
@@ -210,7 +237,7 @@ def report(result: dict, samples: list[dict]) -> str:
         f"{result['date']} · {result['machine']} · server flags `{' '.join(SERVER_FLAGS)}` · "
         "`python bench/soak.py` · plot: soak.png",
         "",
-        f"**Verdict: {'GROWTH — see below' if result['leak'] else 'no growth after warm-up'}.** "
+        f"**Verdict: {verdict_words(result)}.** "
         f"RSS {result['rss_after_warmup_mb']:.1f} → {result['rss_end_mb']:.1f} MiB "
         f"({result['rss_growth_mb']:+.1f} MiB; limit {RSS_GROWTH_LIMIT_MB:g}), open file descriptors "
         f"{result['fds_after_warmup']:g} → {result['fds_end']:g} (max {result['fds_max']}), "

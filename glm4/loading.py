@@ -7,6 +7,7 @@ checkpoint that needs remote code is refused with a message naming the -hf conve
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ REAL_MODEL_ID = "THUDM/glm-4-9b-chat-hf"
 # The real architecture ships with the project so --plan-only works offline for the default model.
 BUNDLED_CONFIGS = {REAL_MODEL_ID: Path(__file__).resolve().parent.parent / "assets" / "configs" / "glm-4-9b-chat-hf"}
 NATIVE_MODEL_TYPES = ("glm", "glm4")
+MIN_FIT_TOKENS = 8192  # with --max-model-len auto, the model must fit with at least this much KV
 QUANTIZATION_LABELS = {"4bit": "4-bit", "8bit": "8-bit", "none": "16-bit"}
 
 
@@ -35,6 +37,7 @@ class LoadedModel:
     tokenizer: Any
     info: ModelInfo
     plan: Any  # placement.PlacementPlan
+    slots: Any = None  # placement.SlotPlan
     load_seconds: float = 0.0
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -126,20 +129,54 @@ def quantization_config(quantization: str, dtype):
 
 
 def plan_for(settings: Settings, config, gpus=None):
-    """Placement plan plus the resolved quantization and dtype, without touching weights."""
+    """Placement plan, slot plan and the resolved quantization and dtype, without touching weights.
+
+    The model must fit with the KV of one --max-model-len request (auto: of MIN_FIT_TOKENS); the KV budget
+    that the plan leaves is then cut into slots (placement.plan_slots), after the workspace a decode step
+    needs to gather the K/V of a full batch of the longest slots."""
     from glm4 import placement
 
     if gpus is None:
         gpus = placement.parse_simulated_gpus(settings.simulate_gpus) if settings.simulate_gpus \
             else placement.detect_gpus()
     quantization = resolve_quantization(settings.quantization, bool(gpus))
-    max_len = min(settings.max_model_len, getattr(config, "max_position_embeddings", settings.max_model_len))
+    max_position = getattr(config, "max_position_embeddings", None) or placement.CPU_AUTO_CONTEXT_TOKENS
+    requested = settings.requested_model_len
+    if requested is not None and requested > max_position:
+        raise placement.PlacementError(f"--max-model-len {requested} exceeds what the model supports "
+                                       f"({max_position} tokens).")
     plan = placement.plan_placement(
         config, quantization=quantization, dtype=settings.dtype, gpus=gpus,
         gpu_memory_caps=placement.parse_gpu_memory_caps(settings.gpu_memory),
-        max_model_len=max_len, mode=settings.placement,
+        max_model_len=requested or min(max_position, MIN_FIT_TOKENS), mode=settings.placement,
     )
-    return plan, quantization, plan.dtype, max_len
+    sizes = placement.estimate_sizes(config, quantization, plan.dtype)
+    budget = None if plan.mode == "cpu" else plan.kv_budget_tokens
+    slots = placement.plan_slots(budget_tokens=budget, max_num_seqs=settings.max_num_seqs, requested_len=requested,
+                                 max_position=max_position, kv_bytes_per_token=sizes.kv_bytes_per_token)
+    if budget is not None:
+        # A decode step gathers one layer's K/V of every row at a time: n x longest tokens of ONE layer, i.e.
+        # n x longest / layers tokens of the budget (counted per token over a device's layers); the device
+        # with the fewest layers pays the most.
+        fewest_layers = min(d.layers[1] - d.layers[0] + 1 for d in plan.devices if d.layers)
+        workspace = math.ceil(len(slots.capacities) * slots.max_model_len / fewest_layers)
+        slots = placement.plan_slots(budget_tokens=max(0, budget - workspace), max_num_seqs=settings.max_num_seqs,
+                                     requested_len=requested, max_position=max_position,
+                                     kv_bytes_per_token=sizes.kv_bytes_per_token)
+    return plan, quantization, plan.dtype, slots
+
+
+def host_cache_bytes(settings: Settings, replicas: int = 1) -> int:
+    """--cache-ram in bytes per replica: given, or min(8 GiB, RAM / 8); 0 with prefix caching off."""
+    if settings.no_enable_prefix_caching:
+        return 0
+    if settings.cache_ram is not None:
+        return int(settings.cache_ram * 2**30) // replicas
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume a 16 GiB machine
+        ram = 16 * 2**30
+    return min(8 * 2**30, ram // 8) // replicas
 
 
 def generation_defaults(source: str) -> dict[str, Any]:
@@ -169,8 +206,10 @@ def load_model(settings: Settings) -> LoadedModel:
         log.info("%s: serving the embedded tiny GLM-4 demo model (%s); pass --model with a GLM-4 checkpoint "
                  "for the real one", reason, source)
     config = load_config(source, settings)
-    plan, quantization, dtype_name, max_len = plan_for(settings, config)
+    plan, quantization, dtype_name, slots = plan_for(settings, config)
+    max_len = slots.max_model_len
     log.info("Placement: %s", plan.summary)
+    log.info("KV %s%s", slots.describe(), "".join(f"; {note}" for note in slots.notes))
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
     try:
@@ -197,7 +236,7 @@ def load_model(settings: Settings) -> LoadedModel:
         generation_defaults=generation_defaults(source), vocab_size=int(config.vocab_size),
     )
     log.info("Loaded %s (%s, %s) in %.1f s", source, QUANTIZATION_LABELS[quantization], dtype_name, seconds)
-    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, load_seconds=seconds,
+    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, slots=slots, load_seconds=seconds,
                        generation_defaults=info.generation_defaults)
 
 

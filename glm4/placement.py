@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from glm4.engine.base import PREFILL_CHUNK_TOKENS
+
 GIB = 1024**3
 MIB = 1024**2
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS workspace per GPU in use (527 MiB measured, H200)
 ALLOCATOR_SLACK_BYTES = 256 * MIB  # cached-but-unused blocks: 120-370 MiB measured around 2048-token prefills
-PREFILL_CHUNK_TOKENS = 2048  # the most prompt tokens one forward pass takes: activations scale with it
 MODES = ("auto", "balanced", "replicate", "cpu")
 QUANTIZATIONS = ("4bit", "8bit", "none")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -515,3 +516,86 @@ def plan_placement(config, *, quantization: str, dtype: str, gpus: list[GpuSpec]
     notes = [f"not used: {reason}" for reason in budget.excluded]
     return PlacementPlan(mode, replicas[0], devices, replicas, kv_budget, max_model_len, summary, quantization,
                          final_dtype, notes)
+
+
+# ---------- slots: how the KV budget is cut into request slots (the slot KV cache, glm4/engine/kv.py) ----------
+
+TARGET_CONTEXT_TOKENS = 32768  # what agents (Codex CLI ~18k) and front ends (Open WebUI ~10k + history) need
+SHORT_SLOT_TOKENS = 8192  # preferred size of the other slots when not all can be long
+MIN_SLOT_TOKENS = 2048  # below this a slot holds no useful conversation
+CPU_AUTO_CONTEXT_TOKENS = 32768  # RAM is not planned: on CPU, auto stops here (pages are committed as used)
+
+
+@dataclass
+class SlotPlan:
+    capacities: list[int]  # tokens per slot, longest first
+    max_model_len: int  # the longest slot: prompt + reply tokens at most
+    budget_tokens: int | None  # KV tokens the plan had (None on CPU: RAM is not planned)
+    kv_bytes_per_token: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.capacities)
+
+    def describe(self) -> str:
+        counts: dict[int, int] = {}
+        for capacity in self.capacities:
+            counts[capacity] = counts.get(capacity, 0) + 1
+        shape = " + ".join(f"{n} x {_tokens_exact(c)}" for c, n in sorted(counts.items(), reverse=True))
+        return (f"slots: {shape} tokens ({len(self.capacities)} at once, "
+                f"{_gib(self.total_tokens * self.kv_bytes_per_token)} KV cache); "
+                f"max model len {self.max_model_len}")
+
+
+def _tokens_exact(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _round_down(n: int, multiple: int = 256) -> int:
+    return n // multiple * multiple
+
+
+def plan_slots(*, budget_tokens: int | None, max_num_seqs: int, requested_len: int | None, max_position: int,
+               kv_bytes_per_token: int) -> SlotPlan:
+    """Cut the KV budget into max_num_seqs slots. `requested_len` None means --max-model-len auto: the longest
+    slot gets as much as the plan fits, up to max_position. When not every slot can be that long, one long slot
+    stays beside shorter ones (up to SHORT_SLOT_TOKENS each, then larger if the budget has room to spare);
+    admission puts each request in the smallest free slot that holds it."""
+    notes: list[str] = []
+    n = max_num_seqs
+    if budget_tokens is None:  # CPU: equal slots
+        length = requested_len or min(max_position, CPU_AUTO_CONTEXT_TOKENS)
+        return SlotPlan([length] * n, length, None, kv_bytes_per_token, notes)
+    if requested_len is not None and requested_len > budget_tokens:
+        raise PlacementError(
+            f"--max-model-len {requested_len} needs {_gib(requested_len * kv_bytes_per_token)} of KV cache for one "
+            f"request, and the plan leaves {_gib(budget_tokens * kv_bytes_per_token)} ({budget_tokens} tokens). "
+            "Lower --max-model-len (or use auto), or free GPU memory.")
+    want = requested_len or max_position
+    if budget_tokens >= n * want:
+        return SlotPlan([want] * n, want, budget_tokens, kv_bytes_per_token, notes)
+    first = requested_len or min(want, TARGET_CONTEXT_TOKENS)  # the long slot must reach this
+    fit = min(n, 1 + max(0, budget_tokens - first) // MIN_SLOT_TOKENS) if budget_tokens >= first else 0
+    if fit == 0:  # not even one slot of the target length: auto shrinks it, equal slots
+        fit = max(1, min(n, budget_tokens // MIN_SLOT_TOKENS))
+        length = _round_down(budget_tokens // fit)
+        capacities = [length] * fit
+    else:
+        short = min(SHORT_SLOT_TOKENS, _round_down((budget_tokens - first) // (fit - 1))) if fit > 1 else 0
+        long = requested_len or min(want, _round_down(budget_tokens - (fit - 1) * short))
+        if fit > 1:  # what the long slot cannot take (max_position) goes to the short ones
+            short = min(long, _round_down((budget_tokens - long) // (fit - 1)))
+        capacities = [long] + [short] * (fit - 1)
+    if fit < n:
+        notes.append(f"only {fit} request(s) fit at once in the KV budget ({budget_tokens} tokens), not "
+                     f"--max-num-seqs {n}")
+    longest = capacities[0]
+    if requested_len is None and longest < min(max_position, TARGET_CONTEXT_TOKENS):
+        notes.append(f"max model len {longest}: the KV budget ({budget_tokens} tokens) allows no "
+                     f"{min(max_position, TARGET_CONTEXT_TOKENS)}-token slot (agents and Open WebUI send 10-20k); "
+                     "use --quantization 4bit, fewer --max-num-seqs, or a larger card")
+    elif longest < max_position:
+        notes.append(f"max model len {longest} of the checkpoint's {max_position}: what the KV budget "
+                     f"({budget_tokens} tokens) fits beside {len(capacities) - 1} shorter slot(s)")
+    return SlotPlan(capacities, longest, budget_tokens, kv_bytes_per_token, notes)

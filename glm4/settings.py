@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Literal, get_args, get_origin
+from typing import Literal, Union, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,17 +49,20 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(False, description='only for checkpoints without native transformers support')
     revision: str | None = Field(None, description='HF revision (branch, tag or commit)')
     served_model_name: str = Field("glm-4", description='the name clients send in "model"')
-    max_model_len: int = Field(8192, ge=16, description='prompt + completion tokens at most (KV cache is planned for it)')
+    max_model_len: Union[int, Literal["auto"]] = Field("auto", description='prompt + completion tokens at most; auto = the longest the memory plan fits, up to the checkpoint\'s limit (32k at most on CPU)')
 
     # --- placement ---
     placement: Literal["auto", "balanced", "replicate"] = Field("auto", description='auto = fastest card first')
     gpu_memory: str | None = Field(None, description='per-GPU caps, e.g. "10GiB,7GiB"')
     plan_only: bool = Field(False, description='print the placement plan and exit, loading no weights')
     simulate_gpus: str | None = Field(None, description='"RTX 2080 Ti:11GiB:7.5,GTX 1070:8GiB:6.1" for --plan-only')
-    compile: bool = Field(False, description='static KV cache + torch.compile for decode where the card supports it')
+    compile: bool = Field(False, description='torch.compile the captured decode steps where the card has Triton (sm_75+)')
+    enforce_eager: bool = Field(False, description='no CUDA graphs: decode steps run eagerly (slower; for debugging)')
 
     # --- scheduling ---
-    max_num_seqs: int = Field(8, ge=1, le=256, description='requests decoded together in one batch')
+    max_num_seqs: int = Field(8, ge=1, le=256, description='requests decoded together in one batch (one KV slot each)')
+    no_enable_prefix_caching: bool = Field(False, description='prefill every prompt from token 0 (no KV reuse across requests)')
+    cache_ram: float | None = Field(None, ge=0, description='GiB of host RAM keeping KV evicted from slots, for prefix reuse; default min(8, RAM/8); 0 = off')
     max_queue: int = Field(64, ge=0, description='requests waiting for a slot; beyond this → 429')
     drain_timeout: float = Field(30.0, ge=0, description='seconds SIGTERM waits for running requests')
 
@@ -96,6 +99,18 @@ class Settings(BaseSettings):
     @classmethod
     def _size(cls, value):
         return parse_size(value)
+
+    @field_validator("max_model_len")
+    @classmethod
+    def check_max_model_len(cls, value):
+        if isinstance(value, int) and value < 16:
+            raise ValueError("--max-model-len must be auto or at least 16 tokens")
+        return value
+
+    @property
+    def requested_model_len(self) -> int | None:
+        """--max-model-len as a number, or None for auto."""
+        return None if self.max_model_len == "auto" else int(self.max_model_len)
 
     @field_validator("ui_auth")
     @classmethod

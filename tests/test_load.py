@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -184,14 +185,14 @@ async def fill_queue(live) -> dict:
         refused = await http.post(url, json={**body, "stream": False})
         refused_stream = await http.post(url, json=body)
         freed = time.monotonic()
-        # The clients go away without reading further: the queued ones first, then the running ones.
-        # NOTE(reliability): in this order no request is being prefilled while its client leaves; LocalEngine
-        # loses a cancel that lands during a prefill (reported with a reproducer in docs/RELIABILITY.md).
-        for group, gauge in ((queued, "glm4_requests_waiting"), (running, "glm4_requests_running")):
-            for task in group:
-                task.cancel()
-            await asyncio.gather(*group, return_exceptions=True)
-            await until(lambda: live.metric(gauge) == 0)
+        # All clients go away at once without reading further, running and queued ones mixed: some of the
+        # queued ones are being admitted and prefilled while their clients leave.
+        everyone = running + queued
+        random.Random(0).shuffle(everyone)
+        for task in everyone:
+            task.cancel()
+        await asyncio.gather(*everyone, return_exceptions=True)
+        await until(lambda: live.metric("glm4_requests_running") == live.metric("glm4_requests_waiting") == 0)
         freed = time.monotonic() - freed
     return {"refused": [refused, refused_stream], "freed_after_s": freed,
             "cancelled": live.metric("glm4_requests_cancelled_total") - cancelled_before}
@@ -207,3 +208,60 @@ def test_full_queue_gets_429_and_gone_clients_free_their_places(loaded_server):
     reply = httpx.post(loaded_server.url + "/v1/chat/completions", timeout=60,
                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert reply.status_code == 200
+
+
+LONG_PROMPT_TOKENS = 24_000  # 12 prefill chunks of 2,048 tokens on the tiny model
+
+
+def long_prompt_text(tokens: int = LONG_PROMPT_TOKENS) -> str:
+    """User text of about `tokens` tiny-model tokens."""
+    from transformers import AutoTokenizer
+
+    from glm4.tiny import TINY_MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    unit = "the server reads this long document, line by line. "
+    per_unit = len(tokenizer.encode(unit, add_special_tokens=False))
+    return unit * (tokens // per_unit)
+
+
+async def cancel_during_prefill(live) -> dict:
+    """A client that leaves while its long prompt is being prefilled: the engine stops between chunks and
+    frees the slot, instead of prefilling the rest for nobody."""
+    from glm4.engine.base import PREFILL_CHUNK_TOKENS
+
+    url = live.url + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": long_prompt_text()}], "stream": True, "max_tokens": 8}
+    prefilled_before = live.metric("glm4_prefill_tokens_total")
+    async with httpx.AsyncClient(timeout=120) as http:
+        async def send():
+            async with http.stream("POST", url, json=body) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        task = asyncio.ensure_future(send())
+        deadline = time.monotonic() + 60
+        # wait until the prompt is being prefilled, with at least one chunk done and most still to go
+        while not (live.metric("glm4_requests_prefilling") == 1 and
+                   live.metric("glm4_prefill_tokens_total") - prefilled_before >= PREFILL_CHUNK_TOKENS):
+            assert time.monotonic() < deadline, "the long prompt never started prefilling"
+            await asyncio.sleep(0.01)
+        at_cancel = live.metric("glm4_prefill_tokens_total") - prefilled_before
+        gone = time.monotonic()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        while live.metric("glm4_requests_running") != 0:
+            assert time.monotonic() - gone < 30, "the slot was never freed"
+            await asyncio.sleep(0.01)
+        freed_after = time.monotonic() - gone
+    prefilled = live.metric("glm4_prefill_tokens_total") - prefilled_before
+    return {"prompt_tokens": LONG_PROMPT_TOKENS, "prefilled_at_cancel": at_cancel, "prefilled_in_all": prefilled,
+            "freed_after_s": round(freed_after, 3), "chunk_tokens": PREFILL_CHUNK_TOKENS}
+
+
+def test_client_gone_during_a_long_prefill_frees_its_slot_within_one_chunk(loaded_server):
+    result = asyncio.run(cancel_during_prefill(loaded_server))
+    # the cancel landed between chunks: at most the chunk in flight (and one more) ran after the client left
+    assert result["prefilled_in_all"] <= result["prefilled_at_cancel"] + 2 * result["chunk_tokens"], result
+    assert result["prefilled_in_all"] < 0.9 * result["prompt_tokens"], result
+    assert loaded_server.metric("glm4_requests_waiting") == 0

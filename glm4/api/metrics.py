@@ -38,6 +38,27 @@ class EngineCollector:
             finished.add_metric([reason], stats.get(f"finished_{reason}", 0))
         yield finished
         yield CounterMetricFamily("glm4_decode_steps", "batched decode steps run", value=stats.get("steps", 0))
+        yield GaugeMetricFamily("glm4_requests_prefilling", "requests whose prompt is being prefilled",
+                                value=stats.get("prefilling", 0))
+        yield CounterMetricFamily("glm4_prefill_tokens", "prompt tokens run through the model (not reused)",
+                                  value=stats.get("prompt_tokens", 0))
+        yield CounterMetricFamily("glm4_prefix_cache_queries", "prompt tokens looked up in the prefix cache (tokens)",
+                                  value=stats.get("prefix_query_tokens", 0))
+        yield CounterMetricFamily("glm4_prefix_cache_hits", "prompt tokens whose KV was reused (tokens)",
+                                  value=stats.get("prefix_hit_tokens", 0))
+        admissions = CounterMetricFamily("glm4_prefix_cache_admissions", "admissions by where their KV came from",
+                                         labels=["source"])
+        for source in ("cold", "in-place", "slot-copy", "host"):
+            admissions.add_metric([source], stats.get(f"admitted_{source}", 0))
+        yield admissions
+        yield GaugeMetricFamily("glm4_host_cache_bytes", "bytes of KV kept in host memory (--cache-ram)",
+                                value=stats.get("host_cache_bytes", 0))
+        yield GaugeMetricFamily("glm4_host_cache_entries", "conversations kept in the host cache",
+                                value=stats.get("host_cache_entries", 0))
+        yield CounterMetricFamily("glm4_host_cache_hits", "admissions that restored KV from host memory",
+                                  value=stats.get("host_cache_hits", 0))
+        yield CounterMetricFamily("glm4_step_retries", "batched decode steps that failed and were retried row by row",
+                                  value=stats.get("step_retries", 0))
         yield from upstream_metrics(stats.get("upstreams") or [])
 
 

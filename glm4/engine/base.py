@@ -12,6 +12,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
+PREFILL_CHUNK_TOKENS = 2048  # the most prompt tokens one forward pass takes: activations scale with it
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # a stop token or stop string ended the reply
@@ -64,7 +66,7 @@ class SamplingParams:
     allowed_prefixes: list[list[int]] | None = None  # output must start with one of these token sequences
     constraint: Constraint | None = None  # grammar the reply must follow (response_format, strict tools)
     logprobs: int | None = None  # None = off; 0 = the chosen token's logprob; n = also the n most likely (<= 20)
-    fault: str | None = None  # test hook ("error" | "oom"): honoured only by engines built with test_hooks
+    fault: str | None = None  # test hook ("error" | "oom" | "nan"): honoured only by engines built with test_hooks
 
     @property
     def greedy(self) -> bool:

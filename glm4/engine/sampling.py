@@ -1,20 +1,37 @@
-"""Next-token choice for one decode step of a batch, each row with its own SamplingParams.
+"""Next-token choice for one decode step of a batch, each row with its own SamplingParams, on the device.
 
-Order (as in HF / vLLM): guard → allowed-prefix constraint → penalties → temperature → top-k → top-p → draw.
-Constraints and penalties are per row; the rest runs once for all sampled rows of the batch.
+Order (as in HF / vLLM): logprobs of the raw logits → non-finite check → grammar mask and allowed-prefix
+constraint → penalties → temperature → top-k → top-p → draw. Constraints and penalties are per row; the rest
+runs once for all sampled rows. The host sees the result through ONE copy at the end (`Sampled`): the token
+ids, with -1 for a row whose logits were not finite (fp16 overflow: that request fails alone), and the
+logprob values when some row asked for them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from glm4.engine.base import SamplingParams
 
+MAX_TOP_LOGPROBS = 20
+
 
 def guard_logits(logits: torch.Tensor) -> torch.Tensor:
-    """fp16 GLM-4 can overflow to inf/NaN: compute in fp32 and replace non-finite values so sampling never crashes."""
+    """fp32, with non-finite values replaced so sampling never crashes (the row is failed by the caller)."""
     # Unconditional: checking first (isfinite().all()) would stall the CPU on the GPU every step.
     return torch.nan_to_num(logits.float(), nan=-1e4, posinf=1e4, neginf=-1e4)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 words [R, W] (bit i of word w = token 32*w + i) → bool [R, vocab]."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [R, W, 32]
+    allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:  # logits rows beyond the mask's width are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    return allowed
 
 
 def apply_penalties(row: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor,
@@ -31,16 +48,8 @@ def apply_penalties(row: torch.Tensor, params: SamplingParams, prompt_ids: torch
     return row
 
 
-def constrain_and_penalize(row: torch.Tensor, state) -> None:
-    """In place, for one row [vocab]: the allowed-prefix constraint, then the penalties."""
-    allowed = state.allowed_next_tokens()
-    if allowed is not None:
-        keep = row[allowed].clone()
-        row.fill_(float("-inf"))
-        row[allowed] = keep
-    params = state.params
-    if params.repetition_penalty != 1.0 or params.presence_penalty or params.frequency_penalty:
-        row.copy_(apply_penalties(row, params, state.prompt_tensor, state.output_tensor()))
+def has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
 
 def restrict_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
@@ -68,38 +77,70 @@ def restrict_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[flo
     return sorted_logits, order
 
 
-def draw(logits: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-    """One token index per row of logits [S, vocab]; row i uses only generators[i] (seeded requests
-    draw the same numbers whatever else is in the batch). Inverse CDF of the softmax."""
+def draw(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token index per row of logits [S, vocab], by inverse CDF of the softmax with the given uniforms [S]
+    (each row's from its own generator: a seeded request draws the same numbers in any batch)."""
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)  # [S, vocab]
-    uniforms = torch.cat([torch.rand(1, generator=g, device=logits.device) for g in generators])  # [S]
-    target = (uniforms * cdf[:, -1])[:, None]  # scaled by the total: float rounding never overshoots
+    target = (uniforms.to(cdf.device, cdf.dtype) * cdf[:, -1])[:, None]  # scaled: rounding never overshoots
     return torch.searchsorted(cdf, target, right=True).clamp_(max=logits.shape[-1] - 1)[:, 0]  # right: skips p=0
 
 
-def sample_batch(logits: torch.Tensor, rows: list) -> list[int]:
-    """logits: [B, vocab] for the last position; rows: the batch's request states (same order).
+@dataclass
+class Sampled:
+    """One step's result on the host. tokens[i] == -1: row i's logits were not finite."""
 
-    Per-row work only where a row needs it (constraints, penalties); temperature, top-k, top-p and
-    the draw run once for all sampled rows.
-    """
+    tokens: list[int]
+    logprobs: list[tuple[float, list[int], list[float]] | None]  # per row: (chosen, top ids, top logprobs)
+
+
+def sample_step(logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None = None,
+                masked: list[bool] | None = None) -> Sampled:
+    """logits: [B, vocab] fp32 for the last position; rows: the request states (same order), each with
+    `.params`, `.allowed_next_tokens()`, `.prompt_tensor`, `.output_tensor()`, `.uniform()`.
+    bitmask [B, W] int32 with masked[i] True where row i's grammar constrains this step."""
+    vocab = logits.shape[-1]
+    wants = [i for i, state in enumerate(rows) if state.params.logprobs is not None]
+    if wants:
+        index = torch.tensor(wants, device=logits.device)
+        raw = torch.log_softmax(logits.index_select(0, index), dim=-1)  # the model's own distribution
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
     logits = guard_logits(logits)
-    if all(state.params.greedy and state.plain for state in rows):  # the common fast path: one argmax
-        return logits.argmax(dim=-1).tolist()
+    if masked and any(masked):
+        index = torch.tensor([i for i, m in enumerate(masked) if m], device=logits.device)
+        allowed = unpack_bitmask(bitmask.index_select(0, index.to(bitmask.device)).to(logits.device), vocab)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     for i, state in enumerate(rows):
-        if not state.plain:
-            constrain_and_penalize(logits[i], state)
+        prefix = state.allowed_next_tokens()
+        if prefix is not None:
+            keep = logits[i, prefix].clone()
+            logits[i].fill_(float("-inf"))
+            logits[i, prefix] = keep
+        if has_penalties(state.params):
+            apply_penalties(logits[i], state.params, state.prompt_tensor, state.output_tensor())
+    chosen = logits.argmax(dim=-1)  # greedy rows (and the default for the others)
     sampled = [i for i, state in enumerate(rows) if not state.params.greedy]
-    chosen = logits.argmax(dim=-1).tolist() if len(sampled) < len(rows) else [0] * len(rows)
     if sampled:
         params = [rows[i].params for i in sampled]
         index = torch.tensor(sampled, device=logits.device)
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device, dtype=logits.dtype)
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         tempered = logits.index_select(0, index) / temperature[:, None]  # [S, vocab]
         restricted, order = restrict_top_k_top_p(tempered, [p.top_k for p in params], [p.top_p for p in params])
-        picks = draw(restricted, [rows[i].generator_for(logits.device) for i in sampled])  # [S]
+        uniforms = torch.tensor([rows[i].uniform() for i in sampled])
+        picks = draw(restricted, uniforms)  # [S]
         if order is not None:
             picks = order.gather(1, picks[:, None])[:, 0]
-        for i, token in zip(sampled, picks.tolist()):
-            chosen[i] = token
-    return chosen
+        chosen = chosen.index_copy(0, index, picks)
+    tokens = torch.where(finite, chosen, torch.full_like(chosen, -1))
+    if not wants:
+        return Sampled(tokens.tolist(), [None] * len(rows))
+    top = max(rows[i].params.logprobs for i in wants)
+    picked = tokens.index_select(0, torch.tensor(wants, device=tokens.device)).clamp(min=0)
+    chosen_lp = raw.gather(1, picked[:, None])[:, 0]
+    top_lp, top_ids = raw.topk(top, dim=-1) if top else (raw[:, :0], raw[:, :0].long())
+    host_tokens = tokens.tolist()
+    chosen_lp, top_ids, top_lp = chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist()
+    logprobs: list = [None] * len(rows)
+    for j, i in enumerate(wants):
+        n = rows[i].params.logprobs
+        logprobs[i] = (chosen_lp[j], top_ids[j][:n], top_lp[j][:n])
+    return Sampled(host_tokens, logprobs)

@@ -1,10 +1,26 @@
 """Token ids → reply text, incrementally: no split multibyte characters, stop strings held back.
 
 `ReplyText.push(token_id)` returns the text that is safe to send now. It strips the `\\n` GLM-4 writes
-right after `<|assistant|>` and never returns a stop string or anything after it.
+right after `<|assistant|>` and never returns a stop string or anything after it. Special tokens are
+control symbols, never reply text (as in vLLM), except `<|assistant|>`: GLM-4 writes it between two tool
+calls of one reply, and the chat core splits the calls there (it never shows it as content).
+`TokenTexts` gives one token's text and exact bytes, for logprobs.
 """
 
 from __future__ import annotations
+
+import functools
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+CALL_SEPARATOR = "<|assistant|>"  # kept in the text: it separates parallel tool calls
+
+
+@functools.lru_cache(maxsize=8)
+def hidden_token_ids(tokenizer) -> frozenset[int]:
+    """Special tokens that never reach the text: all of them but the tool-call separator."""
+    return frozenset(i for i, token in tokenizer.added_tokens_decoder.items()
+                     if token.special and token.content != CALL_SEPARATOR)
 
 
 class IncrementalDecoder:
@@ -16,13 +32,14 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.hidden = hidden_token_ids(tokenizer)
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
 
     def _decode(self, ids: list[int]) -> str:
-        # Special tokens ([gMASK], <sop>, role tokens) are control symbols, never reply text (as in vLLM).
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode([i for i in ids if i not in self.hidden], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -122,3 +139,31 @@ class ReplyText:
         tail = self.matcher.flush()
         self.text += tail
         return text + tail
+
+
+class TokenTexts:
+    """One token's text and its exact UTF-8 bytes (a byte-level BPE token may hold part of a character)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+        self.byte_values = {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else None
+        self.special = {i: token.content for i, token in tokenizer.added_tokens_decoder.items()}
+        self._bytes: dict[int, list[int]] = {}
+
+    def bytes(self, token_id: int) -> list[int]:
+        if token_id not in self._bytes:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if token_id in self.special or self.byte_values is None or piece is None \
+                    or any(char not in self.byte_values for char in piece):
+                data = self.text(token_id).encode("utf-8")
+            else:
+                data = bytes(self.byte_values[char] for char in piece)
+            self._bytes[token_id] = list(data)
+        return self._bytes[token_id]
+
+    def text(self, token_id: int) -> str:
+        if token_id in self.special:
+            return self.special[token_id]
+        return self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL = 5.0  # seconds between background health checks of each upstream
 CONNECT_TIMEOUT = 3.0  # a dead upstream must fail fast so failover is quick
+DEFAULT_CONTEXT_TOKENS = 32768  # --max-model-len auto before an upstream has said its own limit
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Upstream:
     outstanding: int = 0
     counters: collections.Counter = field(default_factory=collections.Counter)
     models: list[str] = field(default_factory=list)
+    max_model_len: int | None = None  # vLLM's /v1/models cards carry it
 
 
 class UpstreamError(Exception):
@@ -104,7 +106,8 @@ class UpstreamEngine(Engine):
                           for url in settings.upstream_url]
         self.info = ModelInfo(
             name=settings.served_model_name, source=", ".join(u.url for u in self.upstreams),
-            quantization="upstream", dtype="upstream", max_model_len=settings.max_model_len,
+            quantization="upstream", dtype="upstream",
+            max_model_len=settings.requested_model_len or DEFAULT_CONTEXT_TOKENS,
             placement=f"{len(self.upstreams)} upstream engine(s): " + ", ".join(u.url for u in self.upstreams),
             aliases=["glm4"], created=int(time.time()),
         )
@@ -137,12 +140,18 @@ class UpstreamEngine(Engine):
                 response = await upstream.client.get(upstream.url + "/models", timeout=CONNECT_TIMEOUT)
                 upstream.healthy = response.status_code == 200
                 if upstream.healthy:
-                    upstream.models = [m["id"] for m in response.json().get("data", []) if "id" in m]
+                    cards = [m for m in response.json().get("data", []) if "id" in m]
+                    upstream.models = [m["id"] for m in cards]
+                    upstream.max_model_len = min((m["max_model_len"] for m in cards
+                                                  if isinstance(m.get("max_model_len"), int)), default=None)
             except (httpx.HTTPError, ValueError):
                 upstream.healthy = False
         await asyncio.gather(*(probe(u) for u in self.upstreams))
         models = [m for u in self.upstreams for m in u.models]
         self.info.aliases = list(dict.fromkeys(["glm4", *models]))  # /v1/models reflects the upstreams
+        limits = [u.max_model_len for u in self.upstreams if u.max_model_len]
+        if limits and self.settings.requested_model_len is None:  # auto: what the upstreams serve (vLLM says)
+            self.info.max_model_len = min(limits)
 
     async def _health_loop(self) -> None:
         while True:
