@@ -16,6 +16,7 @@ import torch
 from glm4.engine.base import FinishReason, SamplingParams
 from glm4.engine.local import LocalEngine
 from glm4.engine.runner import batch_buckets, span_buckets
+from glm4.prompt import build_prompt
 from tests.test_engine import chat_prompt, collect, forced, ids_of, long_params
 
 QUESTIONS = ["hi", "你好，请介绍一下你自己。", "What flags does the server take?", "How do I stream with curl?",
@@ -155,3 +156,39 @@ async def test_a_row_with_non_finite_logits_fails_alone_with_a_clear_error(make_
     assert "!!" not in "".join(d.text for d in results[0])  # what fp16 overflow used to print
     for deltas in results[1:]:
         assert deltas[-1].finish_reason is FinishReason.LENGTH and ids_of(deltas) == expected
+
+
+def raw_logprobs(tiny, ids: list[int]) -> torch.Tensor:
+    """log-softmax of transformers' own forward over the whole sequence: row p is the distribution of token p+1."""
+    with torch.inference_mode():
+        logits = tiny.models[0](torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("static_shapes", [False, True], ids=["eager", "fixed-shapes"])
+async def test_every_step_matches_a_raw_forward_numerically(make_engine, tiny, static_shapes):
+    """Greedy tokens of a confident model survive small errors; logprobs do not. Every token's logprob and
+    top-5 alternatives, for rows decoding together in slots (reused and fresh), equal a raw forward to 1e-4."""
+    engine = await make_engine(max_num_seqs=3, static_shapes=static_shapes)
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=16, ignore_eos=True, logprobs=5)
+    system = {"role": "system", "content": "Answer briefly, in the language of the question. " * 4}
+    prompts = [build_prompt(engine.tokenizer, [system, {"role": "user", "content": q}]) for q in QUESTIONS[:3]]
+
+    async def run(index: int):
+        await asyncio.sleep(0.02 * index)
+        return await collect(engine.submit(prompts[index], params, f"lp{index}"))
+
+    for round_ in range(2):  # the second round reuses the warm slots' prefixes
+        for prompt, deltas in zip(prompts, await asyncio.gather(*(run(i) for i in range(3)))):
+            ids = ids_of(deltas)
+            logprobs = [lp for delta in deltas for lp in delta.logprobs or []]
+            assert len(logprobs) == len(ids)
+            reference = raw_logprobs(tiny, prompt.token_ids + ids)
+            for step, (token, lp) in enumerate(zip(ids, logprobs)):
+                row = reference[len(prompt.token_ids) - 1 + step]
+                assert lp.token_id == token
+                assert abs(lp.logprob - row[token].item()) < 1e-4, (round_, step)
+                values, top_ids = row.topk(5)
+                assert [t.token_id for t in lp.top] == top_ids.tolist()
+                assert max(abs(t.logprob - v) for t, v in zip(lp.top, values.tolist())) < 1e-4
+    assert engine.counters["prefix_hit_tokens"] > 0
