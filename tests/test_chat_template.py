@@ -41,7 +41,7 @@ CONVERSATIONS = {
         {"role": "system", "content": "Use the tools."},
         {"role": "user", "content": "Weather and time?"},
         {"role": "assistant", "content": "Checking both.",
-         "tool_calls": [call("c1", "get_weather", {"city": "北京"}), call("c2", "get_time", "{}")]},
+         "tool_calls": [call("c1", "get_weather", '{"city": "北京"}'), call("c2", "get_time", "{}")]},
         {"role": "tool", "tool_call_id": "c1", "content": "晴"}, {"role": "tool", "tool_call_id": "c2", "content": "9:30"},
         {"role": "system", "content": "Summarize."},
     ], TOOLS),
@@ -202,3 +202,18 @@ def test_start_up_log_names_the_renderer(tiny_glm4_dir, caplog):
         loaded = load_model(Settings(model=str(tiny_glm4_dir)))
     assert isinstance(loaded.renderer, TemplateRenderer)
     assert "Prompt renderer: the checkpoint's chat template: glm4-0414 style" in caplog.text
+
+
+def test_live_server_counts_the_templates_own_tokens(start_server, tiny_glm4_dir, glm4_tokenizer):
+    """usage.prompt_tokens of a 0414-style checkpoint equals its own apply_chat_template's length."""
+    from openai import OpenAI
+
+    live = start_server("--no-ui", "--model", str(tiny_glm4_dir))
+    assert "Prompt renderer: the checkpoint's chat template" in live.log()
+    with OpenAI(base_url=live.base_url, api_key="unused", max_retries=0) as client:
+        for name, (messages, tools) in CONVERSATIONS.items():
+            reply = client.chat.completions.create(model="glm-4", messages=messages, tools=tools, max_tokens=1,
+                                                   temperature=0)
+            own = glm4_tokenizer.apply_chat_template(to_template_messages(messages, STYLE_0414), tools=tools,
+                                                     add_generation_prompt=True, tokenize=True)["input_ids"]
+            assert reply.usage.prompt_tokens == len(own), name
