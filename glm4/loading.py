@@ -1,11 +1,14 @@
 """Resolve the model (auto | tiny | HF id | local dir), quantization, dtype and placement; load it.
 
 Only native transformers classes are used (model_type glm / glm4 via AutoModelForCausalLM); a
-checkpoint that needs remote code is refused with a message naming the -hf conversion.
+checkpoint that needs remote code is refused with a message naming the -hf conversion. At load time the
+prompt renderer is chosen (glm4/chat_template.py), --reasoning-parser is resolved (glm4/reasoning.py) and,
+for a glm4 checkpoint in float16, the fp16 guard is installed (glm4/precision.py); each says so in the log.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm4.engine.base import ModelInfo
+from glm4.engine.base import PREFILL_CHUNK_TOKENS, ModelInfo
 from glm4.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,9 @@ class LoadedModel:
     slots: Any = None  # placement.SlotPlan
     load_seconds: float = 0.0
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    renderer: Any = None  # chat_template.Renderer chosen for this checkpoint
+    reasoning: Any = None  # reasoning.ReasoningMode resolved from --reasoning-parser
+    fp16_guard: bool = False  # precision.install_fp16_guard is on every replica
 
 
 def cuda_available() -> bool:
@@ -133,8 +139,11 @@ def plan_for(settings: Settings, config, gpus=None):
 
     The model must fit with the KV of one --max-model-len request (auto: of MIN_FIT_TOKENS); the KV budget
     that the plan leaves is then cut into slots (placement.plan_slots), after the workspace a decode step
-    needs to gather the K/V of a full batch of the longest slots."""
+    needs to gather the K/V of a full batch of the longest slots. A glm4 checkpoint planned in float16 gets
+    the fp16 guard (glm4/precision.py): its fp32 activations are reserved on every GPU, and the plan's notes
+    say what it costs; with --plan-only they also say how long a reasoning model's conversation can grow."""
     from glm4 import placement
+    from glm4.precision import guard_activation_bytes, guard_wanted
 
     if gpus is None:
         gpus = placement.parse_simulated_gpus(settings.simulate_gpus) if settings.simulate_gpus \
@@ -145,11 +154,18 @@ def plan_for(settings: Settings, config, gpus=None):
     if requested is not None and requested > max_position:
         raise placement.PlacementError(f"--max-model-len {requested} exceeds what the model supports "
                                        f"({max_position} tokens).")
-    plan = placement.plan_placement(
-        config, quantization=quantization, dtype=settings.dtype, gpus=gpus,
-        gpu_memory_caps=placement.parse_gpu_memory_caps(settings.gpu_memory),
-        max_model_len=requested or min(max_position, MIN_FIT_TOKENS), mode=settings.placement,
-    )
+    fit_len = requested or min(max_position, MIN_FIT_TOKENS)
+    options = dict(quantization=quantization, dtype=settings.dtype, gpus=gpus,
+                   gpu_memory_caps=placement.parse_gpu_memory_caps(settings.gpu_memory),
+                   max_model_len=fit_len, mode=settings.placement)
+    plan = placement.plan_placement(config, **options)
+    guarded = guard_wanted(settings.fp16_guard, config.model_type, plan.dtype)
+    prefill = min(fit_len, placement.PREFILL_CHUNK_TOKENS)
+    if guarded and gpus:  # plan again with the guard's fp32 activations kept free beside the usual ones
+        sizes = placement.estimate_sizes(config, quantization, "float16")
+        plan = placement.plan_placement(config, **options, activation_headroom_bytes=sizes.activation_bytes(prefill)
+                                        + guard_activation_bytes(config, prefill))
+    plan.notes.extend(fp16_notes(settings, config, plan.dtype, prefill, reserved=bool(gpus)))
     sizes = placement.estimate_sizes(config, quantization, plan.dtype)
     budget = None if plan.mode == "cpu" else plan.kv_budget_tokens
     slots = placement.plan_slots(budget_tokens=budget, max_num_seqs=settings.max_num_seqs, requested_len=requested,
@@ -163,6 +179,9 @@ def plan_for(settings: Settings, config, gpus=None):
         slots = placement.plan_slots(budget_tokens=max(0, budget - workspace), max_num_seqs=settings.max_num_seqs,
                                      requested_len=requested, max_position=max_position,
                                      kv_bytes_per_token=sizes.kv_bytes_per_token)
+    if settings.plan_only:
+        source = resolve_model_source(settings.model, has_gpu=bool(gpus))
+        plan.notes.extend(reasoning_notes(settings, source, slots))
     return plan, quantization, plan.dtype, slots
 
 
@@ -177,6 +196,61 @@ def host_cache_bytes(settings: Settings, replicas: int = 1) -> int:
     except (ValueError, OSError, AttributeError):  # not Linux: assume a 16 GiB machine
         ram = 16 * 2**30
     return min(8 * 2**30, ram // 8) // replicas
+
+
+FP16_RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results" / "fp16_overflow.json"
+
+
+def _measured_guard_speed() -> float | None:
+    """Decode speed of the guard relative to plain fp16, from bench/fp16_overflow.py's results file."""
+    try:
+        return float(json.loads(FP16_RESULTS.read_text())["modes"]["fp16 + guard"]["speed_vs_fp16"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fp16_notes(settings: Settings, config, dtype: str, prefill_tokens: int, reserved: bool = False) -> list[str]:
+    """What the fp16 guard does and costs for this plan (nothing when it does not apply)."""
+    from glm4.precision import GUARDED_MODEL_TYPES, guard_activation_bytes, guard_wanted
+
+    if dtype != "float16":
+        return []
+    if not guard_wanted(settings.fp16_guard, config.model_type, dtype):
+        if config.model_type in GUARDED_MODEL_TYPES:
+            return [f"WARNING: --fp16-guard off with a {config.model_type} checkpoint in float16: GLM-4-0414 "
+                    "checkpoints overflow fp16 (inf/NaN logits, '!!!!' replies); use --fp16-guard auto or "
+                    "--dtype float32"]
+        return []
+    speed = _measured_guard_speed()
+    extra = guard_activation_bytes(config, prefill_tokens) / 2**20
+    return [f"fp16 guard (--fp16-guard {settings.fp16_guard}): {config.model_type} checkpoints overflow fp16, so "
+            "the residual stream stays fp32 and matmul outputs in range; weights unchanged, "
+            f"+{extra:.0f} MiB of activations per {prefill_tokens}-token prefill"
+            + (" (reserved on every GPU in this plan)" if reserved else "")
+            + (f", decode {speed:.2f}x plain fp16's speed (measured on CPU: bench/results/fp16_overflow.md)"
+               if speed else "")]
+
+
+def reasoning_notes(settings: Settings, source: str, slots) -> list[str]:
+    """For --plan-only: whether replies are split into reasoning, and how long a conversation can grow."""
+    from transformers import AutoTokenizer
+
+    from glm4.chat_template import renderer_for
+    from glm4.reasoning import resolve_reasoning
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=settings.revision,
+                                                  trust_remote_code=settings.trust_remote_code)
+    except (OSError, ValueError):  # not downloaded yet: whether it reasons shows in the start-up log
+        return []
+    mode = resolve_reasoning(settings.reasoning_parser, renderer_for(tokenizer).opens_reasoning)
+    if not mode.enabled:
+        return [f"reasoning: off ({mode.reason})"]
+    full = sum(1 for capacity in slots.capacities if capacity == slots.max_model_len)
+    return [f"reasoning model ({mode.reason}): one conversation (prompt + thinking + answer) can grow to "
+            f"{slots.max_model_len} tokens (the longest slot); {full} such conversation(s) fit at once beside "
+            f"{len(slots.capacities) - full} shorter slot(s); a reply's default max_tokens is all the context its "
+            "prompt leaves in its slot, since GLM-Z1 thinks for thousands of tokens"]
 
 
 def generation_defaults(source: str) -> dict[str, Any]:
@@ -200,6 +274,10 @@ def load_model(settings: Settings) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from glm4.chat_template import renderer_for
+    from glm4.precision import guard_wanted, install_fp16_guard
+    from glm4.reasoning import resolve_reasoning
+
     source = resolve_model_source(settings.model)
     if is_tiny(source):
         reason = "no CUDA GPU found" if settings.model == "auto" else "--model tiny"
@@ -217,6 +295,10 @@ def load_model(settings: Settings) -> LoadedModel:
                                                   trust_remote_code=settings.trust_remote_code)
     except OSError as error:
         raise ModelLoadError(not_found_message(source, error)) from None
+    renderer = renderer_for(tokenizer)  # logs which renderer serves this checkpoint, and why
+    reasoning = resolve_reasoning(settings.reasoning_parser, renderer.opens_reasoning)
+    log.info("Reasoning: %s (%s)", "on" if reasoning.enabled else "off", reasoning.reason)
+    guarded = guard_wanted(settings.fp16_guard, config.model_type, dtype_name)
     models = []
     for device_map in plan.replicas:
         try:
@@ -227,6 +309,8 @@ def load_model(settings: Settings) -> LoadedModel:
         except OSError as error:
             raise ModelLoadError(not_found_message(source, error)) from None
         model.eval()
+        if guarded:
+            install_fp16_guard(model)
         models.append(model)
     seconds = time.perf_counter() - started
     name = settings.served_model_name
@@ -236,8 +320,11 @@ def load_model(settings: Settings) -> LoadedModel:
         generation_defaults=generation_defaults(source), vocab_size=int(config.vocab_size),
     )
     log.info("Loaded %s (%s, %s) in %.1f s", source, QUANTIZATION_LABELS[quantization], dtype_name, seconds)
+    for note in fp16_notes(settings, config, dtype_name, min(max_len, PREFILL_CHUNK_TOKENS)):
+        (log.warning if note.startswith("WARNING") else log.info)("%s", note.removeprefix("WARNING: "))
     return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, slots=slots, load_seconds=seconds,
-                       generation_defaults=info.generation_defaults)
+                       generation_defaults=info.generation_defaults, renderer=renderer, reasoning=reasoning,
+                       fp16_guard=guarded)
 
 
 def model_aliases(served_name: str, source: str) -> list[str]:

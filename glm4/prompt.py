@@ -1,8 +1,9 @@
 """OpenAI-shaped messages and tools → the exact GLM-4 prompt string → token ids.
 
-The layout is specified in shared/glm4-format.md. Rendering here is plain Python (not the checkpoint's
-Jinja template) so real and tiny weights get byte-identical prompts; tests check the tiny tokenizer's
-own chat template renders the same bytes.
+The layout (glm-4-9b-chat-hf's) is specified in shared/glm4-format.md. Rendering here is plain Python,
+the "hand renderer"; glm4/chat_template.py serves a checkpoint with it only when its own chat template
+renders a fixed set of probe conversations byte for byte the same, and with the template otherwise
+(GLM-4-0414, GLM-Z1). `build_prompt` goes through that per-model choice.
 """
 
 from __future__ import annotations
@@ -68,6 +69,17 @@ def neutralize_special_tokens(text: str) -> str:
     return text
 
 
+def neutralize_tools(tools: Any) -> Any:
+    """A copy of tool specs with every string neutralized: a description is client text like any other."""
+    if isinstance(tools, str):
+        return neutralize_special_tokens(tools)
+    if isinstance(tools, dict):
+        return {neutralize_special_tokens(k) if isinstance(k, str) else k: neutralize_tools(v) for k, v in tools.items()}
+    if isinstance(tools, list):
+        return [neutralize_tools(item) for item in tools]
+    return tools
+
+
 def function_specs(tools: Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The `function` objects of OpenAI tools of type function, in the order given."""
     specs = []
@@ -82,7 +94,7 @@ def render_tools_block(tools: list[dict[str, Any]]) -> str:
     """The system block that offers tools; sections are appended with no blank line between them."""
     sections = [
         f"\n## {spec['name']}\n\n{json.dumps(spec, ensure_ascii=False, indent=4)}\n{TOOL_CALL_HINT}"
-        for spec in function_specs(tools)
+        for spec in function_specs(neutralize_tools(tools))
     ]
     return "<|system|>\n" + TOOLS_PREAMBLE + "".join(sections)
 
@@ -143,11 +155,7 @@ def render_prompt(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | 
 
 def build_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                  tool_choice: Any = None) -> Prompt:
-    """Render and tokenize. The prompt already starts with [gMASK]<sop>, so no special tokens are added."""
-    # Lone surrogates (legal in JSON, not in UTF-8) would crash the tokenizer: replace them.
-    text = render_prompt(messages, tools, tool_choice).encode("utf-8", "replace").decode("utf-8")
-    token_ids = tokenizer.encode(text, add_special_tokens=False) if tokenizer is not None else []
-    offered = tools if tools and tool_choice != "none" else None
-    forced = forced_function_name(tool_choice, tools) if offered else None
-    return Prompt(token_ids=token_ids, messages=messages, tools=offered, tool_choice=tool_choice,
-                  prefix=forced + "\n" if forced else "")
+    """Render with the renderer chosen for this tokenizer's model (glm4/chat_template.py) and tokenize."""
+    from glm4.chat_template import renderer_for  # it builds on the rules above
+
+    return renderer_for(tokenizer).render(messages, tools, tool_choice).to_prompt()

@@ -87,6 +87,10 @@ class Settings(BaseSettings):
     upstream_api_key: str | None = Field(None, description="Bearer key the upstream engines expect")
     upstream_model: str | None = Field(None, description="model name to request upstream (default: its first model)")
 
+    # --- model family (issue 21): reasoning models and fp16 on cards without bf16 ---
+    reasoning_parser: Literal["auto", "think", "none"] = Field("auto", description='split `<think>…</think>` replies into reasoning and answer: auto = when the chat template opens a `<think>` block (GLM-Z1), think = always, none = never')
+    fp16_guard: Literal["auto", "on", "off"] = Field("auto", description='in float16 keep the residual stream in fp32 and matmul outputs in range, so GLM-4-0414 does not overflow to "!!!!": auto = glm4 checkpoints, on = any, off = never (costs: bench/results/fp16_overflow.md)')
+
     # --- tests ---
     test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
 

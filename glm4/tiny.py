@@ -11,8 +11,17 @@ and tests/data/glm4_prompts.json). Everything that works on it works on the real
 one on `assets/tiny_corpus.jsonl` (a few hundred Chinese/English conversations about this server) and
 saves it through `save_checkpoint()` below.
 
+The 2025 family is built here too, on the same tokenizer, with random weights (format tests only):
+`build_tiny_glm4(out, "0414")` writes a `Glm4ForCausalLM` (model_type `glm4`, as GLM-4-9B-0414) with a
+0414-style chat template, and `build_tiny_glm4(out, "z1")` the GLM-Z1-9B-0414-style reasoning variant
+(its generation prompt opens a `<think>` block; past reasoning is stripped from the history; sampling
+defaults T=0.6, top_p=0.95, top_k=40). NOTE(family): these two templates are written from the model
+cards and public copies of the 0414 templates (see GLM4_0414_CHAT_TEMPLATE); they exist so every path is
+tested offline. A real checkpoint is always served with its own template (glm4/chat_template.py).
+
     python -m glm4.tiny_train                      # rebuild the committed, trained assets/tiny-glm4
     python -m glm4.tiny --out /tmp/tiny-random     # a random-weight checkpoint with the same tokenizer
+    python -m glm4.tiny --out /tmp/tiny-z1 --variant z1   # the GLM-Z1-style tiny checkpoint
 """
 
 from __future__ import annotations
@@ -110,6 +119,55 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 
+# GLM-4-0414-style template, written from the model cards (THUDM/GLM-4 README "Prompt Implementation":
+# tools become one system block prepended to the messages) and the public copies of the 0414 templates
+# (the GLM-Z1-Rumination-32B-0414 one dumped by llama.cpp's converter, ms-swift's glm4_0414 agent
+# template). What differs from -hf, and what the probes in glm4/chat_template.py must notice:
+# - the tool block is "# 可用工具" with no self-introduction, then a blank line before the first "## name";
+# - every system message is hoisted to the top, in order, whatever its position;
+# - a tool call is an assistant turn whose `metadata` is the function name (followed by a space, as in the
+#   Rumination dump) and whose content is the arguments; a tool result is an `observation` turn;
+# - every message is rendered, empty ones included (`<|user|>\n`);
+# - it is written in the checkpoints' own style and relies on transformers' Jinja settings
+#   (trim_blocks: the newline right after a block tag is dropped).
+GLM4_0414_CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- if tools -%}<|system|>\n# 可用工具\n"
+    "{% for tool in tools %}{%- set function = tool.function if tool.get(\"function\") else tool %}\n\n"
+    "## {{ function.name }}\n\n{{ function | tojson(indent=4, ensure_ascii=False) }}\n"
+    + TOOL_CALL_HINT + "{%- endfor %}{%- endif -%}"
+    "{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}{%- endif %}{%- endfor %}"
+    "{%- for message in messages if message.role != 'system' %}"
+    "{%- set role = message['role'] %}{%- set content = message['content'] %}"
+    "{%- set meta = message.get(\"metadata\", \"\") %}"
+    "{%- if role == 'user' %}<|user|>\n{{ content }}"
+    "{%- elif role == 'assistant' and not meta %}<|assistant|>\n{{ content }}"
+    "{%- elif role == 'assistant' and meta %}<|assistant|>{{ meta }} \n{{ content }}"
+    "{%- elif role == 'observation' %}<|observation|>\n{{ content }}"
+    "{%- endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# GLM-Z1-0414-style: the 0414 layout, every turn shown as `content.split('</think>')[-1].strip()` (past
+# reasoning never reaches the prompt) and a generation prompt that opens the reasoning block, so the
+# reply reads `reasoning</think>answer` (model cards; zai-org/GLM-4 #755 shows the prompt vLLM rendered).
+GLM_Z1_CHAT_TEMPLATE = (
+    GLM4_0414_CHAT_TEMPLATE
+    .replace("{%- set meta = ", "{%- set visible = content.split('</think>')[-1].strip() %}{%- set meta = ")
+    .replace("\n{{ content }}", "\n{{ visible }}")
+    .replace("{% if add_generation_prompt %}<|assistant|>{% endif %}",
+             "{% if add_generation_prompt %}<|assistant|>\n<think>{% endif %}")
+)
+
+# generation_config.json of each tiny variant. -hf and 0414 keep GLM-4's T=0.8, top_p=0.8; Z1's model card
+# recommends T=0.6, top_p=0.95, top_k=40 for its long reasoning.
+GENERATION_DEFAULTS = {
+    "hf": {"do_sample": True, "temperature": 0.8, "top_p": 0.8},
+    "0414": {"do_sample": True, "temperature": 0.8, "top_p": 0.8},
+    "z1": {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 40},
+}
+GLM4_TEMPLATES = {"0414": GLM4_0414_CHAT_TEMPLATE, "z1": GLM_Z1_CHAT_TEMPLATE}
+
 # A few lines so that a checkpoint built without the project corpus still has Chinese, English and
 # code merges in its BPE.
 DEFAULT_CORPUS = [
@@ -191,8 +249,12 @@ def build_model(tokenizer, seed: int = 0):
     return GlmForCausalLM(build_config(tokenizer))
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save weights (float16 safetensors), config, generation config and tokenizer to out_dir."""
+def save_checkpoint(model, tokenizer, out_dir: str | Path, variant: str = "hf") -> Path:
+    """Save weights (float16 safetensors), config, generation config and tokenizer to out_dir.
+
+    variant picks the generation defaults (GENERATION_DEFAULTS) and where the chat template lives: inside
+    tokenizer_config.json as in glm-4-9b-chat-hf ("hf"), or in chat_template.jinja as in the 0414 repos.
+    """
     import torch
     from transformers import GenerationConfig
 
@@ -202,19 +264,14 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
         if stale.is_file():
             stale.unlink()
     config = model.config
-    # The real GLM-4 generation defaults: sampling at T=0.8, top_p=0.8, stopping on any stop id.
     model.generation_config = GenerationConfig(
-        eos_token_id=list(config.eos_token_id),
-        pad_token_id=config.pad_token_id,
-        do_sample=True,
-        temperature=0.8,
-        top_p=0.8,
-    )
+        eos_token_id=list(config.eos_token_id), pad_token_id=config.pad_token_id, **GENERATION_DEFAULTS[variant])
     # float16 halves the files; loaders pick their own dtype (fp32 on CPU) when they load it.
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     model.to(torch.float32)
     tokenizer.save_pretrained(out)
-    _embed_chat_template(out, tokenizer.chat_template)
+    if variant == "hf":
+        _embed_chat_template(out, tokenizer.chat_template)
     return out
 
 
@@ -234,6 +291,83 @@ def build_tiny(out_dir: str | Path, corpus_texts: list[str] | None = None, seed:
     tokenizer = build_tokenizer(corpus_texts or [])
     model = build_model(tokenizer, seed=seed)
     return save_checkpoint(model, tokenizer, out_dir)
+
+
+def build_glm4_config(tokenizer, **overrides):
+    """A Glm4Config (GLM-4-9B-0414's architecture: four norms per layer, fused gate_up_proj) at TINY_SIZES."""
+    from transformers import Glm4Config
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = Glm4Config(
+        vocab_size=len(tokenizer),
+        **{**TINY_SIZES, **overrides},
+        hidden_act="silu",
+        attention_bias=True,
+        attention_dropout=0.0,
+        initializer_range=0.02,
+        rms_norm_eps=1e-5,  # GLM-4-0414's config value
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids[t] for t in STOP_TOKENS],
+        bos_token_id=None,
+        use_cache=True,
+    )
+    config.architectures = ["Glm4ForCausalLM"]
+    return config
+
+
+def tiny_glm4_tokenizer(variant: str):
+    """The embedded tiny model's tokenizer, carrying the 0414- or Z1-style chat template."""
+    from transformers import AutoTokenizer
+
+    if variant not in GLM4_TEMPLATES:
+        raise ValueError(f"unknown tiny glm4 variant {variant!r}: use one of {', '.join(GLM4_TEMPLATES)}")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_DIR)
+    tokenizer.chat_template = GLM4_TEMPLATES[variant]
+    return tokenizer
+
+
+def build_tiny_glm4(out_dir: str | Path, variant: str = "0414", seed: int = 0) -> Path:
+    """Write a random-weight tiny Glm4ForCausalLM: "0414" (GLM-4-9B-0414-style) or "z1" (GLM-Z1-9B-0414-style)."""
+    import torch
+    from transformers import Glm4ForCausalLM
+
+    tokenizer = tiny_glm4_tokenizer(variant)
+    torch.manual_seed(seed)
+    model = Glm4ForCausalLM(build_glm4_config(tokenizer))
+    return save_checkpoint(model, tokenizer, out_dir, variant=variant)
+
+
+def build_overflowing_glm4(seed: int = 0):
+    """A random tiny Glm4ForCausalLM (float32) whose fp16 forward overflows where GLM-4-0414's can.
+
+    The "sandwich" norms let values exceed fp16's 65504 without changing what the model computes in fp32
+    (the norm after each site divides the scale away): layer 1's MLP product SiLU(gate)·up (the up rows of
+    gate_up_proj × 2^18), layer 2's MLP output (down_proj × 2^18), layer 3's attention output (o_proj ×
+    2^19), and a massive residual channel (channel 0 of every embedding at 60000, grown by every layer's
+    MLP) that the norms' weights compensate, as learned ones do. Every weight stays below 65504, so
+    `.half()` stores it exactly enough; the fp16 forward then produces inf and NaN. Returns (model, tokenizer).
+    """
+    import torch
+    from transformers import Glm4ForCausalLM
+
+    tokenizer = tiny_glm4_tokenizer("0414")
+    torch.manual_seed(seed)
+    model = Glm4ForCausalLM(build_glm4_config(tokenizer)).eval()
+    layers, intermediate = model.model.layers, model.config.intermediate_size
+    with torch.no_grad():
+        layers[1].mlp.gate_up_proj.weight[intermediate:] *= 2**18
+        layers[2].mlp.down_proj.weight *= 2**18
+        layers[3].self_attn.o_proj.weight *= 2**19
+        model.model.embed_tokens.weight[:, 0] = 60000.0
+        for norm in [model.model.norm, *(n for layer in layers for n in (layer.input_layernorm,
+                                                                           layer.post_attention_layernorm))]:
+            norm.weight.fill_(4096.0)  # the other channels, divided by the massive one's RMS, scaled back
+            norm.weight[0] = 2**-10  # the massive channel itself barely reaches the matmuls
+        for layer in layers:
+            layer.post_mlp_layernorm.weight[0] = 4096.0
+    return model, tokenizer
 
 
 def load_corpus(path: str | Path = TINY_CORPUS_PATH) -> list[dict]:
@@ -263,10 +397,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # No default: writing random weights over the trained assets/tiny-glm4 is never what one wants.
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    parser.add_argument("--corpus", type=Path, default=TINY_CORPUS_PATH, help="JSONL corpus for the BPE")
+    parser.add_argument("--variant", choices=["hf", *GLM4_TEMPLATES], default="hf",
+                        help="hf = glm-4-9b-chat-hf style (glm); 0414 / z1 = GLM-4-9B-0414 / GLM-Z1-9B-0414 style (glm4)")
+    parser.add_argument("--corpus", type=Path, default=TINY_CORPUS_PATH, help="JSONL corpus for the BPE (hf only)")
     parser.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     args = parser.parse_args(argv)
-    out = build_tiny(args.out, conversation_texts(load_corpus(args.corpus)), seed=args.seed)
+    if args.variant == "hf":
+        out = build_tiny(args.out, conversation_texts(load_corpus(args.corpus)), seed=args.seed)
+    else:
+        out = build_tiny_glm4(args.out, args.variant, seed=args.seed)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 1e6:.1f} MB)")
 

@@ -129,6 +129,22 @@ def tiny():
     return load_model(Settings(model="tiny"))
 
 
+@pytest.fixture(scope="session")
+def tiny_glm4_dir(tmp_path_factory):
+    """A random-weight tiny GLM-4-9B-0414-style checkpoint (model_type glm4, 0414-style chat template)."""
+    from glm4.tiny import build_tiny_glm4
+
+    return build_tiny_glm4(tmp_path_factory.mktemp("tiny-glm4-0414"), "0414")
+
+
+@pytest.fixture(scope="session")
+def tiny_z1_dir(tmp_path_factory):
+    """A random-weight tiny GLM-Z1-9B-0414-style checkpoint: its generation prompt opens <think>."""
+    from glm4.tiny import build_tiny_glm4
+
+    return build_tiny_glm4(tmp_path_factory.mktemp("tiny-glm-z1"), "z1")
+
+
 @pytest.fixture
 async def engine(tiny):
     from glm4.engine.local import LocalEngine

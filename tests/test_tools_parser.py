@@ -229,3 +229,140 @@ def test_format_markdown_fences_backticks_and_raw_args():
     md = format_tool_call_markdown(ToolCall("call_x", "search", '{"q": "```code```"}'))
     assert "````json" in md and md.rstrip().endswith("````\n</details>")
     assert "not json" in format_tool_call_markdown(ToolCall("call_x", "search", "not json"))
+
+
+# --- several calls in one reply (<|assistant|>-separated), Python-literal arguments -------------------
+
+from glm4.tools import CALL_SEPARATOR, parse_tool_calls  # noqa: E402
+
+SEP = CALL_SEPARATOR
+# (id, reply text, expected content, expected [(name, arguments)])
+PARALLEL_CASES = [
+    ("two-calls", 'get_weather\n{"city": "北京"}' + SEP + 'get_time\n{"tz": "Asia/Shanghai"}',
+     "", [("get_weather", '{"city": "北京"}'), ("get_time", '{"tz": "Asia/Shanghai"}')]),
+    ("three-calls", "get_time\n{}" + SEP + 'search\n{"q": "a"}' + SEP + 'search\n{"q": "b"}',
+     "", [("get_time", "{}"), ("search", '{"q": "a"}'), ("search", '{"q": "b"}')]),
+    ("python-literals", "get_weather\n{'city': '北京', 'hot': True, 'n': None}",
+     "", [("get_weather", '{"city": "北京", "hot": true, "n": null}')]),
+    ("json-and-literal", 'get_weather\n{"city": "Paris"}' + SEP + "get_time\n{'tz': 'UTC'}",
+     "", [("get_weather", '{"city": "Paris"}'), ("get_time", '{"tz": "UTC"}')]),
+    ("prose-then-call", "Let me check." + SEP + 'get_weather\n{"city": "Oslo"}',
+     "Let me check.", [("get_weather", '{"city": "Oslo"}')]),
+    ("second-call-invalid", 'get_weather\n{"city": "Rome"}' + SEP + "get_time\n{broken",
+     "get_time\n{broken", [("get_weather", '{"city": "Rome"}')]),
+    ("unknown-second-tool", "get_time\n{}" + SEP + 'launch\n{"x": 1}', 'launch\n{"x": 1}', [("get_time", "{}")]),
+    ("prose-turns", "Hello." + SEP + "More prose.", "Hello.\nMore prose.", []),
+    ("separator-first", SEP + "get_time\n{}", "", [("get_time", "{}")]),
+    ("empty-segment", "get_time\n{}" + SEP + SEP + 'search\n{"q": "x"}', "", [("get_time", "{}"), ("search", '{"q": "x"}')]),
+    ("set-literal", "get_time\n{'a': {1, 2}}", "get_time\n{'a': {1, 2}}", []),
+    ("infinite-literal", "get_time\n{'a': 1e999}", "get_time\n{'a': 1e999}", []),
+    ("code-is-not-evaluated", "get_time\n{'a': __import__('os').getcwd()}",
+     "get_time\n{'a': __import__('os').getcwd()}", []),
+    ("literal-with-trailing-text", "get_time\n{'a': 1} ok", "get_time\n{'a': 1} ok", []),
+]
+
+
+def _pairs(calls):
+    return [(c.name, c.arguments) for c in calls]
+
+
+@pytest.mark.parametrize("text, content, calls", [c[1:] for c in PARALLEL_CASES], ids=[c[0] for c in PARALLEL_CASES])
+def test_parse_several_calls_whole(text, content, calls):
+    reply = parse_tool_calls(text, TOOLS)
+    assert (reply.content, _pairs(reply.calls)) == (content, calls)
+    assert SEP not in reply.content
+    for call in reply.calls:
+        assert isinstance(json.loads(call.arguments), dict)
+    assert len({c.id for c in reply.calls}) == len(reply.calls)
+
+
+def _run_parallel(chunks, tools=TOOLS, forced_name=None, parallel=True):
+    parser = ToolCallStreamParser(tools, forced_name=forced_name, parallel=parallel)
+    events = []
+    for chunk in chunks:
+        events += parser.feed(chunk)
+    events += parser.finish()
+    return events, parser
+
+
+def _assembled(events):
+    """(content, [(name, arguments)]) from events, checking each call's start comes first with its index."""
+    content = "".join(e.text for e in events if e.kind == "content")
+    calls: dict[int, list] = {}
+    for event in events:
+        if event.kind == "tool_call_start":
+            assert event.index == len(calls) and event.call.arguments == ""  # indices 0, 1, 2 … in order
+            calls[event.index] = [event.call.name, ""]
+        elif event.kind == "tool_call_arguments":
+            calls[event.index][1] += event.text  # the start of that call came first
+        else:
+            assert event.index is None
+    return content, [tuple(calls[i]) for i in sorted(calls)]
+
+
+def _all_splits(text: str) -> list[list[str]]:
+    """Every two-piece split of the text, one-character pieces, and a few random ones."""
+    return [[text[:i], text[i:]] for i in range(1, len(text))] + _chunkings(text, seed=7)
+
+
+@pytest.mark.parametrize("text, content, calls", [c[1:] for c in PARALLEL_CASES], ids=[c[0] for c in PARALLEL_CASES])
+def test_stream_of_several_calls_matches_whole_parse(text, content, calls):
+    for chunks in _all_splits(text):  # includes every cut inside <|assistant|>
+        events, parser = _run_parallel(chunks)
+        assert _assembled(events) == (content, calls), chunks
+        assert _pairs(parser.tool_calls) == calls and parser.is_tool_call == bool(calls)
+
+
+def test_calls_stream_out_as_each_one_ends():
+    parser = ToolCallStreamParser(TOOLS)
+    assert parser.feed('get_weather\n{"city": "北京"}') == []
+    first = parser.feed(SEP + "get_")
+    assert [(e.kind, e.index) for e in first] == [("tool_call_start", 0), ("tool_call_arguments", 0)]
+    assert parser.feed('time\n{"tz": "UTC"}') == []
+    second = parser.finish()
+    assert [(e.kind, e.index) for e in second] == [("tool_call_start", 1), ("tool_call_arguments", 1)]
+    assert second[0].call.id != first[0].call.id and second[1].text == '{"tz": "UTC"}'
+
+
+def test_separator_never_reaches_content_without_tools():
+    events, _ = _run_parallel(["Hi", "<|assis", "tant|>there"], tools=None)
+    assert "".join(e.text for e in events) == "Hi\nthere"
+    events, _ = _run_parallel(["a <", "b"], tools=None)  # a "<" that is not the separator is released
+    assert "".join(e.text for e in events) == "a <b"
+
+
+def test_first_call_only_mode_stops_at_the_first_call():
+    text = 'get_weather\n{"city": "北京"}' + SEP + "get_time\n{}"
+    reply = parse_tool_calls(text, TOOLS, parallel=False)
+    assert _pairs(reply.calls) == [("get_weather", '{"city": "北京"}')] and reply.content == ""
+    assert text[:reply.first_call_end] == 'get_weather\n{"city": "北京"}'
+    for chunks in _all_splits(text):
+        events, parser = _run_parallel(chunks, parallel=False)
+        assert _assembled(events) == ("", [("get_weather", '{"city": "北京"}')])
+        assert parser.done
+    parser = ToolCallStreamParser(TOOLS, parallel=False)
+    parser.feed('get_weather\n{"city": "北京"}')
+    assert not parser.done  # the call is not known to be complete until its segment ends
+    parser.feed(SEP)
+    assert parser.done and parser.feed("get_time\n{}") == [] and parser.finish() == []
+
+
+def test_first_call_end_keeps_prose_before_it():
+    text = "Checking." + SEP + "get_time\n{}" + SEP + "search\n{\"q\": 1}"
+    reply = parse_tool_calls(text, TOOLS, parallel=False)
+    assert reply.content == "Checking." and _pairs(reply.calls) == [("get_time", "{}")]
+    assert text[:reply.first_call_end].endswith("get_time\n{}")
+    assert parse_tool_calls("no calls here", TOOLS).first_call_end is None
+
+
+def test_forced_name_then_a_second_call():
+    text = '{"city": "北京"}' + SEP + "get_time\n{'tz': 'UTC'}"
+    expected = [("get_weather", '{"city": "北京"}'), ("get_time", '{"tz": "UTC"}')]
+    assert _pairs(parse_tool_calls(text, TOOLS, forced_name="get_weather").calls) == expected
+    for chunks in _all_splits(text):
+        assert _assembled(_run_parallel(chunks, forced_name="get_weather")[0]) == ("", expected)
+
+
+def test_single_call_helper_refuses_several_calls():
+    assert parse_tool_call("get_time\n{}" + SEP + "get_time\n{}", TOOLS) is None
+    assert parse_tool_call("get_time\n{'a': 'b'}", TOOLS).arguments == '{"a": "b"}'
