@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Literal, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
@@ -83,6 +84,26 @@ class Settings(BaseSettings):
     upstream_url: CommaList = Field(default_factory=list, description="OpenAI-compatible engines, e.g. vLLM's /v1")
     upstream_api_key: str | None = Field(None, description="Bearer key the upstream engines expect")
     upstream_model: str | None = Field(None, description="model name to request upstream (default: its first model)")
+
+    # --- embeddings and rerank (glm4/embeddings.py) ---
+    embedding_model: str | None = Field(None, description='sentence-transformers model served at /v1/embeddings: tiny | <HF repo id, e.g. BAAI/bge-m3> | <local dir>; none by default')
+    rerank_model: str | None = Field(None, description='cross-encoder served at /v1/rerank: tiny | <HF repo id, e.g. BAAI/bge-reranker-v2-m3> | <local dir>; none by default')
+    embedding_device: str = Field("auto", description='where the embedding and rerank models run: auto = a GPU the chat model\'s plan leaves room on, else CPU | cpu | cuda:N')
+    embedding_dimensions: str | None = Field(None, description='Matryoshka sizes `dimensions` may ask for ("64,128,256" or "any"); default: read from the model\'s config.json, else refused')
+
+    @field_validator("embedding_device")
+    @classmethod
+    def check_embedding_device(cls, value):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("--embedding-device must be auto, cpu or cuda:N (a GPU index)")
+        return value
+
+    @field_validator("embedding_dimensions")
+    @classmethod
+    def check_embedding_dimensions(cls, value):
+        if value is not None and not re.fullmatch(r"any|\d+(,\d+)*", value.replace(" ", "")):
+            raise ValueError('--embedding-dimensions must be "any" or sizes such as "64,128,256"')
+        return value
 
     # --- tests ---
     test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
