@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +95,12 @@ def load_auxiliary_config(source: str):
         if source in BUNDLED_CONFIGS:
             log.info("%s is not reachable: sizing it with the bundled copy of its config.json", source)
             return AutoConfig.from_pretrained(BUNDLED_CONFIGS[source])
-        raise placement.PlacementError(f"Cannot read the config of {source!r}: {str(error).splitlines()[0][:200]}. "
-                                       "Pass a local directory, or download the model first.") from None
+        offline = " (offline mode is on)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        what = "a directory without a usable config.json" if Path(source).is_dir() else \
+            f"no local directory, and no Hugging Face Hub id that is downloaded or reachable{offline}"
+        raise placement.PlacementError(
+            f"Cannot load the embedding/rerank model {source!r}: it is {what}. Pass `tiny`, a sentence-transformers "
+            f"model directory, or a Hub id such as BAAI/bge-m3. ({str(error).splitlines()[0][:200]})") from None
 
 
 def size_auxiliary_model(role: str, name: str, config) -> placement.AuxiliaryModel:
@@ -146,7 +151,7 @@ def plan_embedding_models(settings, chat_plan, gpus) -> list[placement.Auxiliary
     if index is not None and gpu is None:
         raise placement.PlacementError(f"--embedding-device {device}: there is no GPU {index} "
                                        f"(visible: {', '.join(g.label for g in gpus) or 'none'}).")
-    dtype = "float32" if gpu is None else ("bfloat16" if gpu.capability >= (8, 0) else "float16")
+    dtype = placement.auxiliary_dtype(gpu)
     return [placement.AuxiliaryPlacement(m.role, m.name, "cpu" if gpu is None else gpu.index, dtype,
                                          m.weight_bytes(dtype), m.activation_bytes(dtype),
                                          f"--embedding-device {device}") for m in models]

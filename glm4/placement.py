@@ -556,7 +556,8 @@ class AuxiliaryPlacement:
                 f"{_gib(self.activation_bytes)} activations · {self.reason}")
 
 
-def _auxiliary_dtype(gpu: GpuSpec | None) -> str:
+def auxiliary_dtype(gpu: GpuSpec | None) -> str:
+    """bf16 on sm_80+, fp16 on older cards (Pascal and Turing have no bf16), fp32 on CPU."""
     if gpu is None:
         return "float32"
     return "bfloat16" if gpu.capability >= (8, 0) else "float16"
@@ -586,7 +587,7 @@ def plan_auxiliary_models(plan: PlacementPlan | None, gpus: list[GpuSpec], model
     placements = []
     for model in models:
         for gpu in order:
-            dtype = _auxiliary_dtype(gpu)
+            dtype = auxiliary_dtype(gpu)
             need = model.weight_bytes(dtype) + model.activation_bytes(dtype)
             if need <= offers[gpu.index]:
                 offers[gpu.index] -= need
@@ -602,7 +603,7 @@ def plan_auxiliary_models(plan: PlacementPlan | None, gpus: list[GpuSpec], model
             else:
                 reason = "no GPU has room beside the chat model's plan (" + "; ".join(
                     f"{g.label} offers {_gib(offers[g.index])}, needs "
-                    f"{_gib(model.weight_bytes(_auxiliary_dtype(g)) + model.activation_bytes(_auxiliary_dtype(g)))}"
+                    f"{_gib(model.weight_bytes(auxiliary_dtype(g)) + model.activation_bytes(auxiliary_dtype(g)))}"
                     for g in order) + ")"
             placements.append(AuxiliaryPlacement(model.role, model.name, "cpu", "float32",
                                                  model.weight_bytes("float32"), model.activation_bytes("float32"),

@@ -104,3 +104,11 @@ def test_plan_only_prints_where_the_embedding_model_goes():
     embedding = next(line for line in lines if line.startswith("embedding model BAAI/bge-m3"))
     assert "GPU 1" in embedding and "GTX 1070" in embedding
     assert any(line.startswith("rerank model tiny-reranker: GPU 1") for line in lines)
+
+
+def test_a_model_that_cannot_be_found_stops_the_server_with_a_clear_message(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", "tiny", "--no-ui",
+                             "--embedding-model", str(tmp_path / "missing")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 2
+    assert "Cannot load the embedding/rerank model" in result.stderr and "offline mode is on" in result.stderr
