@@ -36,6 +36,8 @@ def plan_only(settings) -> int:
     for note in slots.notes:
         print(f"  {note}")
     print(describe_prefix_reuse(settings, slots, replicas=len(plan.replicas)))
+    for placement in plan_embedding_models(settings):
+        print(placement.describe())
     return 0
 
 
@@ -74,6 +76,23 @@ def build_engine(settings):
                            cuda_graphs=not settings.enforce_eager)
                for model in loaded.models]
     return engines[0] if len(engines) == 1 else ReplicatedEngine(engines)
+
+
+def plan_embedding_models(settings):
+    """Where --embedding-model / --rerank-model go, beside the chat model's plan; [] when neither is set."""
+    if not (settings.embedding_model or settings.rerank_model):
+        return []
+    from glm4.embeddings import chat_plan_and_gpus, plan_embedding_models as plan
+
+    return plan(settings, *chat_plan_and_gpus(settings))
+
+
+def load_embedding_models(settings, placements):
+    if not placements:
+        return None
+    from glm4.embeddings import load_embedding_service
+
+    return load_embedding_service(settings, placements)
 
 
 def warn_if_exposed(settings) -> None:
@@ -128,15 +147,21 @@ def main(argv: list[str] | None = None) -> int:
             return plan_only(settings)
         check_ui_protection(settings)  # before loading a model: a refusal should take a second, not minutes
         warn_if_exposed(settings)
+        embedding_plan = plan_embedding_models(settings)  # before the chat weights take the memory it plans for
         engine = build_engine(settings)
+        embeddings = load_embedding_models(settings, embedding_plan)
     except (ModelLoadError, PlacementError, UnsafeSettings) as error:
         log.error("%s", error)
         return 2
-    app = create_app(settings, engine)
+    app = create_app(settings, engine, embeddings=embeddings)
     ui = "off" if settings.no_ui else f"http://{settings.host}:{settings.port}{settings.root_path}/"
     log.info("Serving %s: API http://%s:%d%s/v1 · UI %s", engine.info.name, settings.host, settings.port,
              settings.root_path, ui)
-    serve(settings, app)
+    try:
+        serve(settings, app)
+    finally:
+        if embeddings is not None:
+            embeddings.close()
     return 0
 
 

@@ -599,3 +599,97 @@ def plan_slots(*, budget_tokens: int | None, max_num_seqs: int, requested_len: i
         notes.append(f"max model len {longest} of the checkpoint's {max_position}: what the KV budget "
                      f"({budget_tokens} tokens) fits beside {len(capacities) - 1} shorter slot(s)")
     return SlotPlan(capacities, longest, budget_tokens, kv_bytes_per_token, notes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Auxiliary models (embedding, rerank): placed AFTER the chat model's plan, only in memory that plan leaves.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AuxiliaryModel:
+    """An embedding or rerank model to place beside the chat model, sized from its config (no weights)."""
+    role: str  # "embedding" | "rerank"
+    name: str
+    parameters: int
+    activation_values: int  # values alive at the peak of the largest forward pass the batcher runs
+
+    def weight_bytes(self, dtype: str) -> int:
+        return self.parameters * DTYPE_BYTES[dtype]
+
+    def activation_bytes(self, dtype: str) -> int:
+        return self.activation_values * DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class AuxiliaryPlacement:
+    role: str
+    name: str
+    device: int | str  # GPU index or "cpu"
+    dtype: str
+    weight_bytes: int
+    activation_bytes: int
+    reason: str
+
+    @property
+    def torch_device(self) -> str:
+        return "cpu" if self.device == "cpu" else f"cuda:{self.device}"
+
+    def describe(self) -> str:
+        where = "CPU" if self.device == "cpu" else f"GPU {self.device}"
+        return (f"{self.role} model {self.name}: {where}, {self.dtype}, {_gib(self.weight_bytes)} weights + "
+                f"{_gib(self.activation_bytes)} activations · {self.reason}")
+
+
+def auxiliary_dtype(gpu: GpuSpec | None) -> str:
+    """bf16 on sm_80+, fp16 on older cards (Pascal and Turing have no bf16), fp32 on CPU."""
+    if gpu is None:
+        return "float32"
+    return "bfloat16" if gpu.capability >= (8, 0) else "float16"
+
+
+def plan_auxiliary_models(plan: PlacementPlan | None, gpus: list[GpuSpec], models: list[AuxiliaryModel],
+                          gpu_memory_caps: list[int] | None = None) -> list[AuxiliaryPlacement]:
+    """Where each auxiliary model runs, with the reason. Pure, like plan_placement.
+
+    Memory the chat plan counts on is never offered: a card the plan does not use offers its usable memory
+    (free memory and --gpu-memory caps applied) less a CUDA context and allocator slack; a card the plan uses
+    offers only what its plan leaves free after weights, KV cache and headroom. Cards the plan leaves unused
+    come first, fastest first (a card with a chat layer on it would slow every chat step down); models are
+    placed in the order given, sharing a card when both fit (one CUDA context). What fits nowhere runs on CPU.
+    plan=None means no local chat model (--backend upstream): every card is free.
+    """
+    caps = dict(zip(sorted(g.index for g in gpus), gpu_memory_caps or []))
+    used_by_chat = {d.device: d for d in (plan.devices if plan else []) if d.device != "cpu"}
+    offers: dict[int, int] = {}
+    for gpu in gpus:
+        if gpu.index in used_by_chat:
+            offers[gpu.index] = max(used_by_chat[gpu.index].free_after_bytes or 0, 0)
+        else:
+            usable = min(gpu.free_bytes, caps.get(gpu.index, gpu.total_bytes))
+            offers[gpu.index] = max(usable - CUDA_CONTEXT_BYTES - ALLOCATOR_SLACK_BYTES, 0)
+    order = sorted(gpus, key=lambda g: (g.index in used_by_chat, _speed_key(g)))
+    placements = []
+    for model in models:
+        for gpu in order:
+            dtype = auxiliary_dtype(gpu)
+            need = model.weight_bytes(dtype) + model.activation_bytes(dtype)
+            if need <= offers[gpu.index]:
+                offers[gpu.index] -= need
+                why = ("the chat model's plan leaves this card free" if gpu.index not in used_by_chat
+                       else "room the chat model's plan leaves on this card")
+                reason = f"{gpu.label}: {why} ({_gib(need)} of {_gib(offers[gpu.index] + need)} it offers)"
+                placements.append(AuxiliaryPlacement(model.role, model.name, gpu.index, dtype,
+                                                     model.weight_bytes(dtype), model.activation_bytes(dtype), reason))
+                break
+        else:
+            if not gpus:
+                reason = "no GPU"
+            else:
+                reason = "no GPU has room beside the chat model's plan (" + "; ".join(
+                    f"{g.label} offers {_gib(offers[g.index])}, needs "
+                    f"{_gib(model.weight_bytes(auxiliary_dtype(g)) + model.activation_bytes(auxiliary_dtype(g)))}"
+                    for g in order) + ")"
+            placements.append(AuxiliaryPlacement(model.role, model.name, "cpu", "float32",
+                                                 model.weight_bytes("float32"), model.activation_bytes("float32"),
+                                                 reason))
+    return placements

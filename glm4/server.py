@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from glm4 import __version__
+from glm4.api.embeddings import install_embeddings
 from glm4.api.errors import APIError, error_body, install_error_handlers
 from glm4.api.metrics import Metrics
 from glm4.api.routes import public, v1
@@ -135,7 +136,8 @@ def check_ui_protection(settings: Settings) -> None:
                              "See docs/SECURITY.md.")
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
+    """embeddings: the loaded glm4.embeddings.EmbeddingService, or None (the routes then say none is configured)."""
     check_ui_protection(settings)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -161,6 +163,7 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.add_middleware(GuardMiddleware, state=app.state)
     app.include_router(v1)  # before the UI mount: a mount at "/" shadows routes added after it
     app.include_router(public)
+    install_embeddings(app, embeddings)  # /v1/embeddings, /v1/rerank (+ /rerank, /v2/rerank)
     describe_request_models(app, settings)
     if not settings.no_ui:
         from glm4.ui import mount_ui

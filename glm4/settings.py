@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from typing import Literal, Union, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
@@ -90,6 +91,26 @@ class Settings(BaseSettings):
     # --- model family (issue 21): reasoning models and fp16 on cards without bf16 ---
     reasoning_parser: Literal["auto", "think", "none"] = Field("auto", description='split `<think>…</think>` replies into reasoning and answer: auto = when the chat template opens a `<think>` block (GLM-Z1), think = always, none = never')
     fp16_guard: Literal["auto", "on", "off"] = Field("auto", description='in float16 keep the residual stream in fp32 and matmul outputs in range, so GLM-4-0414 does not overflow to "!!!!": auto = glm4 checkpoints, on = any, off = never (costs: bench/results/fp16_overflow.md)')
+
+    # --- embeddings and rerank (glm4/embeddings.py) ---
+    embedding_model: str | None = Field(None, description='sentence-transformers model served at /v1/embeddings: tiny | <HF repo id, e.g. BAAI/bge-m3> | <local dir>; none by default')
+    rerank_model: str | None = Field(None, description='cross-encoder served at /v1/rerank: tiny | <HF repo id, e.g. BAAI/bge-reranker-v2-m3> | <local dir>; none by default')
+    embedding_device: str = Field("auto", description='where the embedding and rerank models run: auto = a GPU the chat model\'s plan leaves room on, else CPU | cpu | cuda:N')
+    embedding_dimensions: str | None = Field(None, description='Matryoshka sizes `dimensions` may ask for ("64,128,256" or "any"); default: read from the model\'s config.json, else refused')
+
+    @field_validator("embedding_device")
+    @classmethod
+    def check_embedding_device(cls, value):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError("--embedding-device must be auto, cpu or cuda:N (a GPU index)")
+        return value
+
+    @field_validator("embedding_dimensions")
+    @classmethod
+    def check_embedding_dimensions(cls, value):
+        if value is not None and not re.fullmatch(r"any|\d+(,\d+)*", value.replace(" ", "")):
+            raise ValueError('--embedding-dimensions must be "any" or sizes such as "64,128,256"')
+        return value
 
     # --- tests ---
     test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')

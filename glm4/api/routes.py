@@ -90,13 +90,21 @@ async def create_chat_completion(request: Request, service: Service,
 
 
 @v1.get("/models", response_model=ModelList)
-async def list_models(service: Service) -> ModelList:
+async def list_models(service: Service, request: Request) -> ModelList:
     created = service.engine.info.created
-    return ModelList(data=[ModelCard(id=name, created=created) for name in service.model_names])
+    cards = [ModelCard(id=name, created=created) for name in service.model_names]
+    embeddings = getattr(request.app.state, "embeddings", None)  # --embedding-model / --rerank-model
+    for model in (embeddings.embedder, embeddings.reranker) if embeddings else ():
+        if model is not None:
+            cards.append(ModelCard(id=model.name, created=created))
+    return ModelList(data=cards)
 
 
 @v1.get("/models/{model_id:path}", response_model=ModelCard)
-async def retrieve_model(model_id: str, service: Service) -> ModelCard:
+async def retrieve_model(model_id: str, service: Service, request: Request) -> ModelCard:
+    embeddings = getattr(request.app.state, "embeddings", None)
+    if embeddings and any(m is not None and model_id in m.names for m in (embeddings.embedder, embeddings.reranker)):
+        return ModelCard(id=model_id, created=service.engine.info.created)
     service.check_model(model_id)
     return ModelCard(id=model_id, created=service.engine.info.created)
 
