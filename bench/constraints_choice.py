@@ -489,8 +489,10 @@ def measure_apply(masks: list[torch.Tensor], vocab: int, batch_sizes: list[int],
             started = time.perf_counter()
             xgrammar.apply_token_bitmask_inplace(logits, bitmask)
             theirs.append((time.perf_counter() - started) * 1e3)
-        out[str(batch)] = {"glm4_apply_bitmask_ms_p50": percentile(ours, 50), "glm4_apply_bitmask_ms_p99": percentile(ours, 99),
-                           "xgrammar_kernel_ms_p50": percentile(theirs, 50), "xgrammar_kernel_ms_p99": percentile(theirs, 99)}
+        out[str(batch)] = {
+            "glm4_apply_bitmask_ms_p50": percentile(ours, 50), "glm4_apply_bitmask_ms_p99": percentile(ours, 99),
+            "xgrammar_kernel_ms_p50": percentile(theirs, 50), "xgrammar_kernel_ms_p99": percentile(theirs, 99),
+        }
     return out
 
 
@@ -523,8 +525,10 @@ def measure_gil(libs: list, tokenizer, seconds: float) -> dict:
     schema, doc = WORKLOADS["order (nested, arrays, enums, patterns)"]
     alone = python_progress(seconds)
     buffer = os.urandom(1 << 20)
-    out = {"control: pure Python (holds GIL)": python_progress(seconds, lambda: sum(range(2000))) / alone,
-           "control: sha256 of 1 MiB (releases GIL)": python_progress(seconds, lambda: hashlib.sha256(buffer).digest()) / alone}
+    out = {
+        "control: pure Python (holds GIL)": python_progress(seconds, lambda: sum(range(2000))) / alone,
+        "control: sha256 of 1 MiB (releases GIL)": python_progress(seconds, lambda: hashlib.sha256(buffer).digest()) / alone,
+    }
     for lib in libs:
         grammar = lib.compile(schema)
         tokens = tokenizer.encode(json.dumps(doc, ensure_ascii=False), add_special_tokens=False)
@@ -573,7 +577,8 @@ def feature_table(libs: list, tokenizer) -> dict:
                 row[lib.name] = "compiles, not checked (silent)" if ok else "too strict (refuses valid)"
                 continue
             bad = accepts(lib, grammar, tokenizer, invalid)
-            row[lib.name] = "enforced" if ok and not bad else "IGNORED (accepts invalid)" if bad else "too strict (refuses valid)"
+            row[lib.name] = ("enforced" if ok and not bad else "IGNORED (accepts invalid)" if bad
+                             else "too strict (refuses valid)")
         out[feature] = row
     return out
 
@@ -634,7 +639,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def versions() -> dict:

@@ -26,8 +26,9 @@ Grammars:
 
 JSON is written on one line, as GLM-4 writes tool arguments: `{"city": "北京", "days": 3}`, a space after
 "," and ":" optional, no other whitespace. Free whitespace is a known way for a sampled model to loop until
-max_tokens (vLLM added an option to turn it off for that reason); a one-line value parses the same. Schema features llguidance cannot enforce raise
-`UnsupportedSchema` naming the feature and its JSON-pointer path; nothing is ignored silently.
+max_tokens (vLLM added an option to turn it off for that reason); a one-line value parses the same.
+Schema features llguidance cannot enforce raise `UnsupportedSchema` naming the feature and its JSON-pointer
+path; nothing is ignored silently.
 
 Threads: llguidance releases the GIL while it computes a mask or builds a grammar, so `fill_bitmask`
 may run on a background thread while the device computes. A matcher is used by one thread at a time;
@@ -380,8 +381,8 @@ class ConstraintCompiler:
 
     def json_schema(self, schema: Any, strict: bool = False) -> GrammarConstraint:
         """OpenAI `response_format: {"type": "json_schema", "json_schema": {"schema", "strict"}}`."""
-        return self._cached(["json_schema", schema, bool(strict)],
-                            lambda: self._compile_json(schema, strict, "strict JSON schema" if strict else "JSON schema"))
+        description = "strict JSON schema" if strict else "JSON schema"
+        return self._cached(["json_schema", schema, bool(strict)], lambda: self._compile_json(schema, strict, description))
 
     def json_object(self) -> GrammarConstraint:
         """OpenAI `response_format: {"type": "json_object"}`: any JSON object."""
