@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from glm4.api.errors import APIError
+from glm4.api.knowledge_protocol import ChunkingError
 from glm4.knowledge.store import KnowledgeError, KnowledgeStore, Limits
 from glm4.settings import Settings
 
@@ -59,5 +60,7 @@ def translate_errors(route):
             return route(*args, **kwargs)
         except KnowledgeError as error:
             raise APIError(error.status, error.message, param=error.param, code=error.code) from None
+        except ChunkingError as error:
+            raise APIError(400, str(error), param="chunking_strategy", code="invalid_chunking_strategy") from None
 
     return wrapper

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
-
-from glm4.knowledge.store import DEFAULT_CHUNKING
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 
 class RequestModel(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+def integral_float_to_int(value):
+    """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integer = Annotated[int, BeforeValidator(integral_float_to_int)]
+Number = Annotated[float, Field(allow_inf_nan=False)]  # NaN would come back as invalid JSON
 Key = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Metadata = Annotated[dict[Key, Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
-AttributeValue = Union[Annotated[str, StringConstraints(max_length=512)], bool, float]
+AttributeValue = Union[Annotated[str, StringConstraints(max_length=512)], bool, Number]
 Attributes = Annotated[dict[Key, AttributeValue], Field(max_length=16)]
 ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
@@ -28,14 +33,8 @@ ObjectId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 # ---------- chunking ----------
 
 class StaticChunking(RequestModel):
-    max_chunk_size_tokens: int = Field(ge=100, le=4096)
-    chunk_overlap_tokens: int = Field(ge=0)
-
-    @model_validator(mode="after")
-    def check_overlap(self):
-        if self.chunk_overlap_tokens > self.max_chunk_size_tokens // 2:
-            raise ValueError("chunk_overlap_tokens must not exceed half of max_chunk_size_tokens")
-        return self
+    max_chunk_size_tokens: Integer = Field(ge=100, le=4096)
+    chunk_overlap_tokens: Integer = Field(ge=0, description="at most half of max_chunk_size_tokens")
 
 
 class StaticChunkingStrategyParam(RequestModel):
@@ -51,9 +50,17 @@ ChunkingStrategyParam = Annotated[Union[AutoChunkingStrategyParam, StaticChunkin
                                   Field(discriminator="type")]
 
 
+class ChunkingError(ValueError):
+    """A static strategy whose overlap exceeds half its size (a rule across two fields, checked here)."""
+
+
 def chunking_of(strategy: AutoChunkingStrategyParam | StaticChunkingStrategyParam | None) -> tuple[int, int] | None:
     if isinstance(strategy, StaticChunkingStrategyParam):
-        return strategy.static.max_chunk_size_tokens, strategy.static.chunk_overlap_tokens
+        size, overlap = strategy.static.max_chunk_size_tokens, strategy.static.chunk_overlap_tokens
+        if overlap > size // 2:
+            raise ChunkingError(f"chunk_overlap_tokens ({overlap}) must not exceed half of max_chunk_size_tokens "
+                                f"({size})")
+        return size, overlap
     return None  # auto: the store's default
 
 
@@ -98,7 +105,7 @@ class FileDeleted(BaseModel):
 
 class ExpiresAfter(RequestModel):
     anchor: Literal["last_active_at"]
-    days: int = Field(ge=1, le=365)
+    days: Integer = Field(ge=1, le=365)
 
 
 class VectorStoreCreateRequest(RequestModel):
@@ -214,8 +221,8 @@ class VectorStoreFileContentPage(BaseModel):
 
 # ---------- search ----------
 
-ComparisonValue = Union[Annotated[str, StringConstraints(max_length=512)], bool, float,
-                        Annotated[list[Union[Annotated[str, StringConstraints(max_length=512)], float]],
+ComparisonValue = Union[Annotated[str, StringConstraints(max_length=512)], bool, Number,
+                        Annotated[list[Union[Annotated[str, StringConstraints(max_length=512)], Number]],
                                   Field(max_length=100)]]
 
 
@@ -267,7 +274,7 @@ Query = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 
 class VectorStoreSearchRequest(RequestModel):
     query: Union[Query, Annotated[list[Query], Field(min_length=1, max_length=10)]]
-    max_num_results: int = Field(10, ge=1, le=50)
+    max_num_results: Integer = Field(10, ge=1, le=50)
     filters: Optional[Union[ComparisonFilter, CompoundFilter]] = None
     ranking_options: Optional[RankingOptions] = None
     rewrite_query: bool = False  # accepted; there is no model to rewrite the query, so it is searched as given
@@ -292,6 +299,3 @@ class SearchResultsPage(BaseModel):
     has_more: bool = False
     next_page: Optional[str] = None
 
-
-DEFAULT_CHUNKING_OBJECT = StaticChunkingStrategyObject(
-    static=StaticChunkingStrategy(max_chunk_size_tokens=DEFAULT_CHUNKING[0], chunk_overlap_tokens=DEFAULT_CHUNKING[1]))
