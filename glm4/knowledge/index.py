@@ -23,6 +23,7 @@ from glm4.knowledge.ingest import CJK
 
 CJK_RUN = re.compile(f"[{CJK}]+")
 TOKEN = re.compile(rf"[{CJK}]+|[^\W_{CJK}]+")
+MAX_QUERY_TERMS = 256  # distinct terms OR-ed per query: a pasted page must not become a 10,000-way OR
 HEADING_WEIGHT = 1.0  # bm25() column weights: heading terms count as much as body terms (see the bench)
 BODY_WEIGHT = 1.0
 
@@ -122,7 +123,7 @@ def remove(db: sqlite3.Connection, store_id: str, rowids: list[int]) -> None:
 def match_expression(query: str, analyzer: Analyzer = DEFAULT_ANALYZER) -> str | None:
     """Any query term may match (OR); BM25 ranks passages with more and rarer terms first. Terms are quoted,
     so nothing a user types is read as FTS5 syntax."""
-    terms = dict.fromkeys(analyzer.terms(query))
+    terms = list(dict.fromkeys(analyzer.terms(query)))[:MAX_QUERY_TERMS]
     if not terms:
         return None
     return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
