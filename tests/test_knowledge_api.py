@@ -115,6 +115,28 @@ def test_sdk_helpers_docx_pdf_content_and_attributes(live):
         client.vector_stores.retrieve(store.id)
 
 
+def test_file_batches_upload_and_poll(live):
+    client = sdk(live, "alice")
+    store = client.vector_stores.create(name="batches")
+    documents = [("wifi.md", b"# Wi-Fi\n\nThe guest network switches off after 8 hours."),
+                 ("咖啡.md", "# 咖啡\n\n每天早上九点供应免费咖啡。".encode())]
+    batch = client.vector_stores.file_batches.upload_and_poll(store.id, files=documents, poll_interval_ms=100)
+    assert batch.status == "completed" and batch.file_counts.completed == batch.file_counts.total == 2
+    listed = client.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
+    assert {f.status for f in listed} == {"completed"} and len(listed.data) == 2
+    extra = client.files.create(file=("extra.txt", b"Parking is free on Sundays."), purpose="assistants")
+    again = client.vector_stores.file_batches.create_and_poll(store.id, file_ids=[extra.id],
+                                                              attributes={"source": "batch"}, poll_interval_ms=100)
+    assert again.status == "completed" and again.file_counts.total == 1
+    [top] = client.vector_stores.search(store.id, query="免费咖啡几点", max_num_results=1).data
+    assert top.filename == "咖啡.md"
+    [top] = client.vector_stores.search(store.id, query="when is parking free", max_num_results=1).data
+    assert top.file_id == extra.id and top.attributes == {"source": "batch"}
+    assert client.vector_stores.retrieve(store.id).file_counts.completed == 3
+    with pytest.raises(openai.BadRequestError):
+        client.vector_stores.file_batches.create(store.id, file_ids=[extra.id], files=[{"file_id": extra.id}])
+
+
 def test_a_second_key_cannot_see_or_touch_the_first_keys_files_and_stores(live, data_dir):
     alice, bob = sdk(live, "alice"), sdk(live, "bob")
     file = alice.files.create(file=("secret.md", b"# Secret\n\nThe vault code is 4711."), purpose="assistants")
@@ -133,6 +155,7 @@ def test_a_second_key_cannot_see_or_touch_the_first_keys_files_and_stores(live, 
         "delete store": lambda: bob.vector_stores.delete(store.id),
         "attach alice's file": lambda: bob.vector_stores.files.create(vector_store_id=bobs_store.id, file_id=file.id),
         "store from alice's file": lambda: bob.vector_stores.create(file_ids=[file.id]),
+        "batch with alice's file": lambda: bob.vector_stores.file_batches.create(bobs_store.id, file_ids=[file.id]),
     }
     for name, attempt in attempts.items():
         with pytest.raises(openai.NotFoundError) as caught:

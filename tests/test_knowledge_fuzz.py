@@ -18,6 +18,10 @@ OPERATIONS = [
     "DELETE /v1/vector_stores/{vector_store_id}/files/{file_id}",
     "GET /v1/vector_stores/{vector_store_id}/files/{file_id}/content",
     "POST /v1/vector_stores/{vector_store_id}/search",
+    "POST /v1/vector_stores/{vector_store_id}/file_batches",
+    "GET /v1/vector_stores/{vector_store_id}/file_batches/{batch_id}",
+    "POST /v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel",
+    "GET /v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/files",
 ]
 BUDGETS = {"positive": {label: 25 for label in OPERATIONS}, "negative": {label: 15 for label in OPERATIONS}}
 # Schema-valid requests refused for what JSON Schema cannot say: a generated upload is rarely a readable

@@ -189,3 +189,28 @@ def test_attribute_filters_and_score_threshold(store):
     assert only and {hit.file_id for hit in only} == {thermostat.id}
     best = both[0].score
     assert store.search(ALICE, [vs.id], "reset firmware update wifi", score_threshold=best + 1e-9) == []
+
+
+def test_a_cancelled_batch_stops_what_is_not_indexed_and_reattaching_retries(store):
+    big = KnowledgeStore(store.root.parent / "batch", Limits())
+    big.start()
+    try:
+        files = [upload(big, ALICE, path.name) for path in sorted(DATA.iterdir()) if path.suffix != ".json"]
+        vs = big.create_vector_store(ALICE)
+        batch = big.create_file_batch(ALICE, vs.id, [(f.id, {"batch": True}, None) for f in files])
+        assert batch.file_counts["total"] == len(files)
+        cancelled = big.cancel_file_batch(ALICE, vs.id, batch.id)
+        assert big.wait_idle(30)
+        final = big.get_file_batch(ALICE, vs.id, batch.id)
+        assert final.status == "cancelled" and final.file_counts == cancelled.file_counts | {"in_progress": 0}
+        states = {r.file_id: r.status for r in big.list_file_batch_files(ALICE, vs.id, batch.id, limit=100).items}
+        assert set(states) == {f.id for f in files} and set(states.values()) <= {"completed", "cancelled"}
+        for file_id, status in states.items():
+            found = {hit.file_id for hit in big.search(ALICE, [vs.id], big.document(file_id).title, max_results=50)}
+            assert (file_id in found) == (status == "completed")
+            if status == "cancelled":
+                assert big.attach_file(ALICE, vs.id, file_id).status == "in_progress"
+        assert big.wait_idle(30)
+        assert big.get_file_batch(ALICE, vs.id, batch.id).file_counts["completed"] == len(files)
+    finally:
+        big.close()

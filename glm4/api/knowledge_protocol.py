@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, model_validator
 
 
 class RequestModel(BaseModel):
@@ -217,6 +217,49 @@ class VectorStoreFileContentPage(BaseModel):
     data: list[TextContent]
     has_more: bool = False
     next_page: Optional[str] = None
+
+
+# ---------- file batches ----------
+
+class FileBatchFile(RequestModel):
+    file_id: ObjectId
+    attributes: Optional[Attributes] = None
+    chunking_strategy: Optional[ChunkingStrategyParam] = None
+
+
+class FileBatchCreateRequest(RequestModel):
+    """`file_ids` (with shared `attributes` and `chunking_strategy`) or `files` (each with its own)."""
+
+    file_ids: Optional[Annotated[list[ObjectId], Field(max_length=2000)]] = None
+    files: Optional[Annotated[list[FileBatchFile], Field(max_length=2000)]] = None
+    attributes: Optional[Attributes] = None
+    chunking_strategy: Optional[ChunkingStrategyParam] = None
+
+    # exactly one of the two lists (null counts as absent), stated for the OpenAPI spec as the validator checks it
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={"oneOf": [
+        {"required": ["file_ids"], "properties": {"file_ids": {"type": "array"}}},
+        {"required": ["files"], "properties": {"files": {"type": "array"}}}]})
+
+    @model_validator(mode="after")
+    def check_one_list(self):
+        if (self.file_ids is None) == (self.files is None):
+            raise ValueError("send either file_ids or files")
+        return self
+
+    def entries(self) -> list[FileBatchFile]:
+        if self.files is not None:
+            return self.files
+        return [FileBatchFile(file_id=file_id, attributes=self.attributes, chunking_strategy=self.chunking_strategy)
+                for file_id in self.file_ids or []]
+
+
+class VectorStoreFileBatchObject(BaseModel):
+    id: str
+    created_at: int
+    file_counts: FileCounts
+    object: Literal["vector_store.files_batch"] = "vector_store.files_batch"
+    status: Literal["in_progress", "completed", "cancelled", "failed"]
+    vector_store_id: str
 
 
 # ---------- search ----------

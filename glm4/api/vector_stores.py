@@ -14,14 +14,14 @@ from fastapi import APIRouter, Body, Depends, Query, Response
 from glm4.api.files import ERROR_RESPONSES
 from glm4.api.knowledge import POLL_AFTER_MS, Owner, Store, translate_errors
 from glm4.api.knowledge_protocol import (
-    ExpiresAfterObject, FileCounts, LastError, SearchResult, SearchResultsPage, StaticChunkingStrategy,
+    ExpiresAfterObject, FileBatchCreateRequest, VectorStoreFileBatchObject, FileCounts, LastError, SearchResult, SearchResultsPage, StaticChunkingStrategy,
     StaticChunkingStrategyObject, TextContent, VectorStoreCreateRequest, VectorStoreDeleted,
     VectorStoreFileContentPage, VectorStoreFileCreateRequest, VectorStoreFileDeleted, VectorStoreFileList,
     VectorStoreFileObject, VectorStoreFileUpdateRequest, VectorStoreList, VectorStoreObject,
     VectorStoreSearchRequest, VectorStoreUpdateRequest, chunking_of,
 )
 from glm4.api.routes import require_api_key
-from glm4.knowledge.store import StoreFileRecord, VectorStoreRecord
+from glm4.knowledge.store import FileBatchRecord, StoreFileRecord, VectorStoreRecord
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES,
                    tags=["vector stores"])
@@ -29,6 +29,7 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], respon
 Cursor = Annotated[Optional[str], Query(max_length=128)]
 Order = Annotated[Literal["asc", "desc"], Query()]
 PageSize = Annotated[int, Query(ge=1, le=100)]
+StatusFilter = Annotated[Optional[Literal["in_progress", "completed", "failed", "cancelled"]], Query()]
 
 
 def to_vector_store_object(record: VectorStoreRecord) -> VectorStoreObject:
@@ -120,8 +121,7 @@ def create_vector_store_file(vector_store_id: str, store: Store, owner: Owner, r
 @translate_errors
 def list_vector_store_files(vector_store_id: str, store: Store, owner: Owner, after: Cursor = None,
                             before: Cursor = None,
-                            filter: Annotated[Optional[Literal["in_progress", "completed", "failed", "cancelled"]],
-                                              Query()] = None,
+                            filter: StatusFilter = None,
                             limit: PageSize = 20, order: Order = "desc") -> VectorStoreFileList:
     page = store.list_store_files(owner, vector_store_id, status=filter, after=after, before=before, limit=limit,
                                   order=order)
@@ -162,6 +162,54 @@ def retrieve_vector_store_file_content(vector_store_id: str, file_id: str, store
                                        owner: Owner) -> VectorStoreFileContentPage:
     passages = store.store_file_passages(owner, vector_store_id, file_id)
     return VectorStoreFileContentPage(data=[TextContent(text=text) for text in passages])
+
+
+# ---------- file batches ----------
+
+def to_batch_object(record: FileBatchRecord) -> VectorStoreFileBatchObject:
+    return VectorStoreFileBatchObject(id=record.id, created_at=record.created_at,
+                                      file_counts=FileCounts(**record.file_counts), status=record.status,
+                                      vector_store_id=record.vector_store_id)
+
+
+@router.post("/vector_stores/{vector_store_id}/file_batches", response_model=VectorStoreFileBatchObject)
+@translate_errors
+def create_file_batch(vector_store_id: str, store: Store, owner: Owner, response: Response,
+                      body: Annotated[FileBatchCreateRequest, Body()]) -> VectorStoreFileBatchObject:
+    entries = [(entry.file_id, entry.attributes, chunking_of(entry.chunking_strategy)) for entry in body.entries()]
+    record = store.create_file_batch(owner, vector_store_id, entries)
+    poll_hint(response, record.status)
+    return to_batch_object(record)
+
+
+@router.get("/vector_stores/{vector_store_id}/file_batches/{batch_id}", response_model=VectorStoreFileBatchObject)
+@translate_errors
+def retrieve_file_batch(vector_store_id: str, batch_id: str, store: Store, owner: Owner,
+                        response: Response) -> VectorStoreFileBatchObject:
+    record = store.get_file_batch(owner, vector_store_id, batch_id)
+    poll_hint(response, record.status)
+    return to_batch_object(record)
+
+
+@router.post("/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel",
+             response_model=VectorStoreFileBatchObject)
+@translate_errors
+def cancel_file_batch(vector_store_id: str, batch_id: str, store: Store,
+                      owner: Owner) -> VectorStoreFileBatchObject:
+    return to_batch_object(store.cancel_file_batch(owner, vector_store_id, batch_id))
+
+
+@router.get("/vector_stores/{vector_store_id}/file_batches/{batch_id}/files", response_model=VectorStoreFileList,
+            response_model_exclude_none=True)
+@translate_errors
+def list_file_batch_files(vector_store_id: str, batch_id: str, store: Store, owner: Owner, after: Cursor = None,
+                          before: Cursor = None, filter: StatusFilter = None, limit: PageSize = 20,
+                          order: Order = "desc") -> VectorStoreFileList:
+    page = store.list_file_batch_files(owner, vector_store_id, batch_id, status=filter, after=after, before=before,
+                                       limit=limit, order=order)
+    data = [to_store_file_object(record) for record in page.items]
+    return VectorStoreFileList(data=data, first_id=data[0].id if data else None,
+                               last_id=data[-1].id if data else None, has_more=page.has_more)
 
 
 # ---------- search ----------

@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS store_files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     store_id TEXT NOT NULL REFERENCES vector_stores(id) ON DELETE CASCADE,
     file_id TEXT NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    status TEXT NOT NULL,  -- in_progress | completed | failed
+    status TEXT NOT NULL,  -- in_progress | completed | failed | cancelled
     error_code TEXT,
     error_message TEXT,
     created_at INTEGER NOT NULL,
@@ -84,6 +84,18 @@ CREATE TABLE IF NOT EXISTS store_files (
 );
 CREATE INDEX IF NOT EXISTS store_files_file ON store_files(file_id);
 CREATE INDEX IF NOT EXISTS store_files_status ON store_files(status);
+CREATE TABLE IF NOT EXISTS file_batches (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    store_id TEXT NOT NULL REFERENCES vector_stores(id) ON DELETE CASCADE,
+    created_at INTEGER NOT NULL,
+    cancelled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS batch_files (
+    batch_id TEXT NOT NULL REFERENCES file_batches(id) ON DELETE CASCADE,
+    file_id TEXT NOT NULL,
+    PRIMARY KEY (batch_id, file_id)
+);
 CREATE TABLE IF NOT EXISTS passages (
     id INTEGER PRIMARY KEY,
     store_id TEXT NOT NULL,
@@ -193,6 +205,24 @@ class StoreFileRecord:
     attributes: dict[str, str | float | bool] | None
     max_tokens: int
     overlap_tokens: int
+
+
+@dataclass(frozen=True)
+class FileBatchRecord:
+    id: str
+    vector_store_id: str
+    created_at: int
+    cancelled: bool
+    file_counts: dict[str, int]
+
+    @property
+    def status(self) -> str:
+        counts = self.file_counts
+        if counts["in_progress"]:
+            return "in_progress"
+        if self.cancelled:
+            return "cancelled"
+        return "failed" if counts["total"] and counts["failed"] == counts["total"] else "completed"
 
 
 @dataclass(frozen=True)
@@ -423,6 +453,7 @@ class KnowledgeStore:
             for (store_id,) in db.execute("SELECT store_id FROM store_files WHERE file_id = ?", (file_id,)).fetchall():
                 self._remove_passages(db, store_id, file_id)
             db.execute("DELETE FROM store_files WHERE file_id = ?", (file_id,))
+            db.execute("DELETE FROM batch_files WHERE file_id = ?", (file_id,))
             db.execute("DELETE FROM documents WHERE file_id = ?", (file_id,))
             db.execute("DELETE FROM files WHERE id = ?", (file_id,))
         (self.files_dir / file_id).unlink(missing_ok=True)
@@ -504,6 +535,7 @@ class KnowledgeStore:
         with self._transaction() as db:
             self._owned_store(db, owner, store_id)
             db.execute("DELETE FROM passages WHERE store_id = ?", (store_id,))
+            db.execute("DELETE FROM file_batches WHERE store_id = ?", (store_id,))
             db.execute("DELETE FROM store_files WHERE store_id = ?", (store_id,))
             db.execute("DELETE FROM vector_stores WHERE id = ?", (store_id,))
             index.drop_table(db, store_id)
@@ -517,17 +549,82 @@ class KnowledgeStore:
     def attach_file(self, owner: str, store_id: str, file_id: str, *,
                     attributes: dict[str, str | float | bool] | None = None,
                     chunking: tuple[int, int] | None = None) -> StoreFileRecord:
-        """Attach and queue for indexing; attaching a file that is already attached returns its record."""
+        """Attach and queue for indexing. Attaching a file that is already attached returns its record, except
+        that a `failed` or `cancelled` one is indexed again (with the new attributes and chunking)."""
         with self._transaction() as db:
             self._owned_store(db, owner, store_id)
             self._check_files_owned(db, owner, [file_id])
-            existing = db.execute("SELECT 1 FROM store_files WHERE store_id = ? AND file_id = ?",
+            existing = db.execute("SELECT status FROM store_files WHERE store_id = ? AND file_id = ?",
                                   (store_id, file_id)).fetchone()
-            if not existing:
+            queue_it = existing is None or existing[0] in ("failed", "cancelled")
+            if existing is not None and queue_it:
+                db.execute("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (store_id, file_id))
+            if queue_it:
                 self._insert_attachment(db, store_id, file_id, attributes, chunking or DEFAULT_CHUNKING)
-        if not existing:
+        if queue_it:
             self._enqueue(store_id, file_id)
         return self.get_store_file(owner, store_id, file_id)
+
+    # ---------- file batches ----------
+
+    def create_file_batch(self, owner: str, store_id: str,
+                          files: list[tuple[str, dict | None, tuple[int, int] | None]]) -> FileBatchRecord:
+        """Attach several files at once: (file id, attributes, chunking) each; files already attached join
+        the batch as they are."""
+        batch_id = new_id("vsfb_")
+        queued = []
+        with self._transaction() as db:
+            self._owned_store(db, owner, store_id)
+            self._check_files_owned(db, owner, [file_id for file_id, _, _ in files])
+            db.execute("INSERT INTO file_batches(id, store_id, created_at) VALUES (?, ?, ?)",
+                       (batch_id, store_id, now()))
+            for file_id, attributes, chunking in {file_id: (file_id, a, c) for file_id, a, c in files}.values():
+                if not db.execute("SELECT 1 FROM store_files WHERE store_id = ? AND file_id = ?",
+                                  (store_id, file_id)).fetchone():
+                    self._insert_attachment(db, store_id, file_id, attributes, chunking or DEFAULT_CHUNKING)
+                    queued.append(file_id)
+                db.execute("INSERT INTO batch_files(batch_id, file_id) VALUES (?, ?)", (batch_id, file_id))
+        for file_id in queued:
+            self._enqueue(store_id, file_id)
+        return self.get_file_batch(owner, store_id, batch_id)
+
+    def get_file_batch(self, owner: str, store_id: str, batch_id: str) -> FileBatchRecord:
+        with self._lock:
+            self._owned_store(self.db, owner, store_id)
+            rows = self.db.execute("SELECT created_at, cancelled FROM file_batches WHERE id = ? AND store_id = ?",
+                                   (batch_id, store_id)).fetchall()
+            if not rows:
+                raise NotFound("file batch", batch_id, param="batch_id")
+            counts = {"in_progress": 0, "completed": 0, "failed": 0, "cancelled": 0}
+            for status, number in self.db.execute(
+                    "SELECT s.status, COUNT(*) FROM batch_files b JOIN store_files s ON s.file_id = b.file_id "
+                    "AND s.store_id = ? WHERE b.batch_id = ? GROUP BY s.status", (store_id, batch_id)):
+                counts[status] = number
+        counts["total"] = sum(counts.values())
+        return FileBatchRecord(batch_id, store_id, rows[0][0], bool(rows[0][1]), counts)
+
+    def cancel_file_batch(self, owner: str, store_id: str, batch_id: str) -> FileBatchRecord:
+        """Files of the batch not indexed yet stop (`cancelled`); those already done stay."""
+        with self._transaction() as db:
+            self.get_file_batch(owner, store_id, batch_id)
+            db.execute("UPDATE file_batches SET cancelled = 1 WHERE id = ?", (batch_id,))
+            db.execute("UPDATE store_files SET status = 'cancelled' WHERE store_id = ? AND status = 'in_progress' "
+                       "AND file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)", (store_id, batch_id))
+        return self.get_file_batch(owner, store_id, batch_id)
+
+    def list_file_batch_files(self, owner: str, store_id: str, batch_id: str, *, status: str | None = None,
+                              after: str | None = None, before: str | None = None, limit: int = 20,
+                              order: str = "desc") -> Page:
+        with self._lock:
+            self.get_file_batch(owner, store_id, batch_id)
+            where = "store_id = ? AND file_id IN (SELECT file_id FROM batch_files WHERE batch_id = ?)"
+            params: list = [store_id, batch_id]
+            if status is not None:
+                where += " AND status = ?"
+                params.append(status)
+            rows = self._page("store_files", where, params, after, before, limit, order, STORE_FILE_COLUMNS,
+                              cursor_column="file_id")
+        return Page([store_file_record(row) for row in rows[:limit]], len(rows) > limit)
 
     def _insert_attachment(self, db: sqlite3.Connection, store_id: str, file_id: str, attributes,
                            chunking: tuple[int, int]) -> None:
@@ -570,6 +667,8 @@ class KnowledgeStore:
             self.get_store_file(owner, store_id, file_id)
             self._remove_passages(db, store_id, file_id)
             db.execute("DELETE FROM store_files WHERE store_id = ? AND file_id = ?", (store_id, file_id))
+            db.execute("DELETE FROM batch_files WHERE file_id = ? AND batch_id IN "
+                       "(SELECT id FROM file_batches WHERE store_id = ?)", (file_id, store_id))
 
     def store_file_passages(self, owner: str, store_id: str, file_id: str) -> list[str]:
         self.get_store_file(owner, store_id, file_id)
@@ -742,5 +841,5 @@ def fsync_directory(path: Path) -> None:
 
 
 __all__ = ["KnowledgeStore", "Limits", "FileRecord", "VectorStoreRecord", "StoreFileRecord", "SearchHit", "Page",
-           "KnowledgeError", "NotFound", "LimitExceeded", "FileTooLarge", "InvalidDocument", "Expired",
+           "FileBatchRecord", "KnowledgeError", "NotFound", "LimitExceeded", "FileTooLarge", "InvalidDocument", "Expired",
            "default_data_dir", "clean_filename"]
