@@ -82,11 +82,12 @@ class Fts5:
         self.db = sqlite3.connect(":memory:")
         self.store = "vs_" + "0" * 32
         index.create_table(self.db, self.store)
-        index.add(self.db, self.store, [(i, p.heading, p.text) for i, (_, p) in enumerate(corpus.passages)],
-                  analyzer)
+        index.add(self.db, self.store, [(i, index.prepare(p.heading, p.text, analyzer))
+                                        for i, (_, p) in enumerate(corpus.passages)])
 
     def search(self, query: str, k: int) -> list[int]:
-        return [rowid for rowid, _ in index.search(self.db, self.store, query, k, self.analyzer)]
+        expression = index.match_expression(query, self.analyzer)
+        return [rowid for rowid, _ in index.search(self.db, self.store, expression, k)]
 
 
 class Fts5Raw:

@@ -41,11 +41,18 @@ def _jieba():
     return jieba
 
 
-@lru_cache(maxsize=1)
-def _stemmer():
-    import snowballstemmer
+_local = threading.local()
 
-    return snowballstemmer.stemmer("english")
+
+def _stemmer():
+    """One per thread: a Snowball stemmer keeps its working string in the object, so two threads stemming
+    with one stemmer corrupt each other's words (search and indexing run on different threads)."""
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        import snowballstemmer
+
+        stemmer = _local.stemmer = snowballstemmer.stemmer("english")
+    return stemmer
 
 
 @dataclass(frozen=True)
@@ -108,12 +115,15 @@ def drop_table(db: sqlite3.Connection, store_id: str) -> None:
     db.execute(f"DROP TABLE IF EXISTS {table_name(store_id)}")
 
 
-def add(db: sqlite3.Connection, store_id: str, rows: list[tuple[int, str, str]],
-        analyzer: Analyzer = DEFAULT_ANALYZER) -> None:
-    """rows: (passage id, heading, body). The caller holds the transaction."""
+def prepare(heading: str, body: str, analyzer: Analyzer = DEFAULT_ANALYZER) -> tuple[str, str]:
+    """A passage's terms as FTS5 stores them. Analysis is the slow part (jieba): do it before taking locks."""
+    return " ".join(analyzer.terms(heading)), " ".join(analyzer.terms(body))
+
+
+def add(db: sqlite3.Connection, store_id: str, rows: list[tuple[int, tuple[str, str]]]) -> None:
+    """rows: (passage id, prepare(heading, body)). The caller holds the transaction."""
     db.executemany(f"INSERT INTO {table_name(store_id)}(rowid, heading, body) VALUES (?, ?, ?)",
-                   [(rowid, " ".join(analyzer.terms(heading)), " ".join(analyzer.terms(body)))
-                    for rowid, heading, body in rows])
+                   [(rowid, heading, body) for rowid, (heading, body) in rows])
 
 
 def remove(db: sqlite3.Connection, store_id: str, rowids: list[int]) -> None:
@@ -129,10 +139,8 @@ def match_expression(query: str, analyzer: Analyzer = DEFAULT_ANALYZER) -> str |
     return " OR ".join('"' + term.replace('"', '""') + '"' for term in terms)
 
 
-def search(db: sqlite3.Connection, store_id: str, query: str, limit: int,
-           analyzer: Analyzer = DEFAULT_ANALYZER) -> list[tuple[int, float]]:
-    """(passage id, BM25 score, higher is better) best first."""
-    expression = match_expression(query, analyzer)
+def search(db: sqlite3.Connection, store_id: str, expression: str | None, limit: int) -> list[tuple[int, float]]:
+    """(passage id, BM25 score, higher is better) best first, for a match_expression()."""
     if expression is None:
         return []
     rows = db.execute(f"SELECT rowid, -bm25({table_name(store_id)}, ?, ?) AS score FROM {table_name(store_id)} "

@@ -688,6 +688,7 @@ class KnowledgeStore:
         """Passages best first across the given stores (each ranked by its own BM25 statistics).
         `attribute_filter` is a predicate over a file's attributes (None = every file)."""
         hits: list[SearchHit] = []
+        expression = index.match_expression(query)
         with self._lock:
             db = self.db
             for store_id in dict.fromkeys(store_ids):
@@ -702,7 +703,7 @@ class KnowledgeStore:
                 if not allowed:
                     continue
                 fetch = max_results if len(allowed) == len(files) else max_results * 20 + 100
-                ranked = index.search(db, store_id, query, fetch)
+                ranked = index.search(db, store_id, expression, fetch)
                 if ranked:
                     marks = ",".join("?" * len(ranked))
                     passages = {row[0]: row[1:] for row in db.execute(
@@ -753,6 +754,7 @@ class KnowledgeStore:
         except (DocumentError, ValueError, NotFound) as error:
             self._mark_failed(_Job(store_id, file_id), getattr(error, "code", "invalid_file"), str(error))
             return
+        prepared = [index.prepare(passage.heading, passage.text) for passage in passages]  # outside the lock
         with self._transaction() as db:
             still_wanted = db.execute("SELECT 1 FROM store_files WHERE store_id = ? AND file_id = ? AND "
                                       "status = 'in_progress'", (store_id, file_id)).fetchone()
@@ -760,10 +762,10 @@ class KnowledgeStore:
                 return
             self._remove_passages(db, store_id, file_id)  # none, unless an earlier run was cut short
             rows = []
-            for ordinal, passage in enumerate(passages):
+            for ordinal, (passage, terms) in enumerate(zip(passages, prepared)):
                 cursor = db.execute("INSERT INTO passages(store_id, file_id, ordinal, heading, text) "
                                     "VALUES (?, ?, ?, ?, ?)", (store_id, file_id, ordinal, passage.heading, passage.text))
-                rows.append((cursor.lastrowid, passage.heading, passage.text))
+                rows.append((cursor.lastrowid, terms))
             index.add(db, store_id, rows)
             usage = sum(len(passage.text.encode()) for passage in passages)
             db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ?, error_code = NULL, "
