@@ -5,6 +5,7 @@ No model is loaded here: app.py builds the engine and hands it in, so tests can 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -12,8 +13,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from glm4 import __version__
+from glm4.api import files, vector_stores
 from glm4.api.embeddings import install_embeddings
 from glm4.api.errors import APIError, error_body, install_error_handlers
+from glm4.api.knowledge import open_store, upload_body_limit
 from glm4.api.metrics import Metrics
 from glm4.api.routes import public, v1
 from glm4.api.serving import ChatService
@@ -33,7 +36,9 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.state.settings.max_body_size
+        limit, limit_flag = self.state.settings.max_body_size, "--max-body-size"
+        if scope["path"] == "/v1/files" and scope.get("method") == "POST":  # uploads: up to --max-file-size
+            limit, limit_flag = upload_body_limit(self.state.settings), "--max-file-size"
         status: dict[str, object] = {"sent": None, "refused": False}
 
         async def send_once(message):
@@ -49,7 +54,7 @@ class GuardMiddleware:
             status["refused"] = True
 
         too_large = APIError(413, f"request body is larger than the server's limit of {limit} bytes "
-                             "(--max-body-size)", code="request_too_large")
+                             f"({limit_flag})", code="request_too_large")
         seen = 0
 
         async def receive_limited():
@@ -142,12 +147,14 @@ def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        await asyncio.to_thread(app.state.knowledge.start)
         app.state.status = "ok"
         try:
             yield
         finally:
             app.state.status = "draining"
             await engine.shutdown(drain_timeout=settings.drain_timeout)
+            await asyncio.to_thread(app.state.knowledge.close)
 
     app = FastAPI(title="GLM-4 chat server", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions over GLM-4, plus a Gradio chat UI at /.")
@@ -156,12 +163,15 @@ def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
     app.state.status = "loading"
     app.state.metrics = Metrics(engine)
     app.state.chat = ChatService(engine, settings, app.state.metrics)
+    app.state.knowledge = open_store(settings)  # opened at startup (lifespan), closed at shutdown
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
     app.add_middleware(GuardMiddleware, state=app.state)
     app.include_router(v1)  # before the UI mount: a mount at "/" shadows routes added after it
+    app.include_router(files.router)
+    app.include_router(vector_stores.router)
     app.include_router(public)
     install_embeddings(app, embeddings)  # /v1/embeddings, /v1/rerank (+ /rerank, /v2/rerank)
     describe_request_models(app, settings)

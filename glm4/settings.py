@@ -112,6 +112,21 @@ class Settings(BaseSettings):
             raise ValueError('--embedding-dimensions must be "any" or sizes such as "64,128,256"')
         return value
 
+    # --- knowledge base: /v1/files, /v1/vector_stores (glm4/knowledge, glm4/api/files.py, vector_stores.py) ---
+    data_dir: str | None = Field(None, description='where files, vector stores and their index live; default '
+                                 '$XDG_DATA_HOME/glm4-chat, i.e. ~/.local/share/glm4-chat')
+    max_file_size: int = Field(32 * 2**20, ge=1, description='bytes per uploaded file; larger uploads get 413 '
+                               '(uploads may exceed --max-body-size up to this)')
+    max_files: int = Field(1000, ge=0, description='uploaded files per API key (per server without --api-key)')
+    max_vector_stores: int = Field(100, ge=0, description='vector stores per API key (per server without --api-key)')
+    max_unpacked_size: int = Field(128 * 2**20, ge=1, description='bytes a .docx (a zip) may unpack to; checked '
+                                   'before it is opened (zip bombs get 400)')
+
+    @field_validator("max_file_size", "max_unpacked_size", mode="before")
+    @classmethod
+    def _knowledge_sizes(cls, value):
+        return parse_size(value)
+
     # --- tests ---
     test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +18,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+if "GLM4_DATA_DIR" not in os.environ:  # servers started by tests keep uploads out of the user's ~/.local/share
+    os.environ["GLM4_DATA_DIR"] = tempfile.mkdtemp(prefix="glm4-test-data-")
+    atexit.register(shutil.rmtree, os.environ["GLM4_DATA_DIR"], True)
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "artifacts"

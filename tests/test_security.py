@@ -122,13 +122,20 @@ def test_every_v1_route_refuses_without_the_key(keyed, headers):
     assert httpx.get(keyed.url + f"/v1/models?api_key={KEY}").status_code == 401
 
 
+SERVED_AS_CALLED = {("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/glm-4")}
+
+
 def test_every_v1_route_serves_with_either_key(keyed):
     for key in (KEY, KEY + "-second"):
         for method, path in v1_operations(keyed):
             body = POST_BODIES.get(path, {"messages": HELLO, "max_tokens": 2}) if method == "POST" else None
             response = httpx.request(method, keyed.url + path, headers={"authorization": f"bearer {key}"},
                                      json=body, timeout=30)
-            assert response.status_code == 200, (method, path, response.text)
+            if (method, path) in SERVED_AS_CALLED or path in POST_BODIES:
+                assert response.status_code == 200, (method, path, response.text)
+            else:  # routes that need other bodies or ids (files, vector stores): the key got past auth
+                assert response.status_code not in (401, 403) and response.status_code < 500, (
+                    method, path, response.text)
 
 
 def test_health_and_metrics_stay_open_and_hold_no_secrets(keyed):
