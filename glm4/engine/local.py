@@ -35,6 +35,7 @@ import torch
 from glm4.engine.base import (PREFILL_CHUNK_TOKENS, Delta, Engine, EngineOverloaded, EngineUnavailable,
                               FinishReason, Matcher, MatcherError, ModelInfo, Prompt, SamplingParams, TokenLogprob,
                               Usage)
+from glm4.engine.constraints import allocate_bitmask
 from glm4.engine.kv import HostEntry, HostPromptCache, Slot, SlotKVCache
 from glm4.engine.prefix import MIN_REUSE_TOKENS, Admission, choose_admission
 from glm4.engine.runner import (DecodeRow, ModelRunner, compile_supported, execution_device, graphs_supported,
@@ -492,7 +493,7 @@ class LocalEngine(Engine):
         masked = None
         if any(state.matcher is not None for state in rows):
             if self.bitmask is None or self.bitmask.shape[0] < len(rows):
-                self.bitmask = torch.zeros(self.max_num_seqs, (logits.shape[-1] + 31) // 32, dtype=torch.int32)
+                self.bitmask = allocate_bitmask(self.max_num_seqs, logits.shape[-1])
             masked = []
             for i, state in enumerate(rows):
                 try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from glm4.engine.base import SamplingParams
+from glm4.engine.constraints import apply_bitmask
 
 MAX_TOP_LOGPROBS = 20
 
@@ -22,16 +23,6 @@ def guard_logits(logits: torch.Tensor) -> torch.Tensor:
     """fp32, with non-finite values replaced so sampling never crashes (the row is failed by the caller)."""
     # Unconditional: checking first (isfinite().all()) would stall the CPU on the GPU every step.
     return torch.nan_to_num(logits.float(), nan=-1e4, posinf=1e4, neginf=-1e4)
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 words [R, W] (bit i of word w = token 32*w + i) → bool [R, vocab]."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # [R, W, 32]
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
-    if allowed.shape[1] < vocab:  # logits rows beyond the mask's width are never allowed
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    return allowed
 
 
 def apply_penalties(row: torch.Tensor, params: SamplingParams, prompt_ids: torch.Tensor,
@@ -98,7 +89,6 @@ def sample_step(logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None =
     """logits: [B, vocab] fp32 for the last position; rows: the request states (same order), each with
     `.params`, `.allowed_next_tokens()`, `.prompt_tensor`, `.output_tensor()`, `.uniform()`.
     bitmask [B, W] int32 with masked[i] True where row i's grammar constrains this step."""
-    vocab = logits.shape[-1]
     wants = [i for i, state in enumerate(rows) if state.params.logprobs is not None]
     if wants:
         index = torch.tensor(wants, device=logits.device)
@@ -106,9 +96,7 @@ def sample_step(logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None =
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
     logits = guard_logits(logits)
     if masked and any(masked):
-        index = torch.tensor([i for i, m in enumerate(masked) if m], device=logits.device)
-        allowed = unpack_bitmask(bitmask.index_select(0, index.to(bitmask.device)).to(logits.device), vocab)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        apply_bitmask(logits, bitmask, [i for i, m in enumerate(masked) if m])
     for i, state in enumerate(rows):
         prefix = state.allowed_next_tokens()
         if prefix is not None:
