@@ -158,11 +158,22 @@ def generation_defaults(source: str) -> dict[str, Any]:
     return defaults
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Everything app.py needs to build an engine; raises ModelLoadError / PlacementError with clear text."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class LoadPlan:
+    """What will be loaded and where, decided from the config alone (seconds, no weights): app.py makes it
+    before listening, so a missing model or an impossible placement is refused at once."""
 
+    settings: Settings
+    source: str
+    config: Any
+    plan: Any  # placement.PlacementPlan
+    quantization: str
+    dtype: str
+    max_len: int
+
+
+def prepare_load(settings: Settings) -> LoadPlan:
+    """Resolve the model, read its config and plan the placement; raises ModelLoadError / PlacementError."""
     source = resolve_model_source(settings.model)
     if is_tiny(source):
         reason = "no CUDA GPU found" if settings.model == "auto" else "--model tiny"
@@ -171,6 +182,16 @@ def load_model(settings: Settings) -> LoadedModel:
     config = load_config(source, settings)
     plan, quantization, dtype_name, max_len = plan_for(settings, config)
     log.info("Placement: %s", plan.summary)
+    return LoadPlan(settings, source, config, plan, quantization, dtype_name, max_len)
+
+
+def load_weights(prepared: LoadPlan) -> LoadedModel:
+    """The tokenizer and the weights as planned (the slow part: minutes for GLM-4-9B)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings, source, quantization, dtype_name = prepared.settings, prepared.source, prepared.quantization, \
+        prepared.dtype
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
     try:
@@ -179,7 +200,7 @@ def load_model(settings: Settings) -> LoadedModel:
     except OSError as error:
         raise ModelLoadError(not_found_message(source, error)) from None
     models = []
-    for device_map in plan.replicas:
+    for device_map in prepared.plan.replicas:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, revision=settings.revision, trust_remote_code=settings.trust_remote_code,
@@ -192,13 +213,18 @@ def load_model(settings: Settings) -> LoadedModel:
     seconds = time.perf_counter() - started
     name = settings.served_model_name
     info = ModelInfo(
-        name=name, source=source, quantization=quantization, dtype=dtype_name, placement=plan.summary,
-        max_model_len=max_len, aliases=model_aliases(name, source), created=int(time.time()),
-        generation_defaults=generation_defaults(source), vocab_size=int(config.vocab_size),
+        name=name, source=source, quantization=quantization, dtype=dtype_name, placement=prepared.plan.summary,
+        max_model_len=prepared.max_len, aliases=model_aliases(name, source), created=int(time.time()),
+        generation_defaults=generation_defaults(source), vocab_size=int(prepared.config.vocab_size),
     )
     log.info("Loaded %s (%s, %s) in %.1f s", source, QUANTIZATION_LABELS[quantization], dtype_name, seconds)
-    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, load_seconds=seconds,
+    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=prepared.plan, load_seconds=seconds,
                        generation_defaults=info.generation_defaults)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Everything app.py needs to build an engine; raises ModelLoadError / PlacementError with clear text."""
+    return load_weights(prepare_load(settings))
 
 
 def model_aliases(served_name: str, source: str) -> list[str]:

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description='0.0.0.0 exposes the server: set --api-key too')
     port: int = Field(8003, ge=0, le=65535, description="the old project's port")
-    root_path: str = Field("", description='prefix when served behind a reverse proxy')
+    root_path: str = Field("", description='URL prefix the server is reached under, e.g. /glm (paths may arrive with it or stripped by a proxy)')
     api_key: CommaList = Field(default_factory=list, description='Bearer keys accepted on /v1; empty = no auth')
     cors_origins: CommaList = Field(default_factory=list, description='CORS is off unless origins are given')
     max_body_size: int = Field(8 * 2**20, description='bytes; larger request bodies get 413')
@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     upstream_model: str | None = Field(None, description="model name to request upstream (default: its first model)")
 
     # --- tests ---
-    test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
+    test_hooks: bool = Field(False, description='lets any client inject faults and force replies: tests only (loopback --host only)')
 
     @field_validator("api_key", "cors_origins", "upstream_url", mode="before")
     @classmethod

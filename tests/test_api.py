@@ -269,3 +269,21 @@ def test_test_hooks_are_refused_without_the_flag(start_server):
     response = httpx.post(live.base_url + "/chat/completions",
                           json={"messages": HELLO, "test_force_output": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "test_force_output"
+
+
+def test_root_path_serves_the_prefix_with_or_without_a_stripping_proxy(start_server):
+    """--root-path /glm. uvicorn alone expects a proxy that strips the prefix (/glm/v1/models arrives as
+    /v1/models); the server also answers paths that still carry it (a proxy that passes the path on, or no
+    proxy), so the SDK works at .../glm/v1 either way. URLs the server generates carry the prefix."""
+    live = start_server("--root-path", "/glm")  # with the UI, whose asset URLs must carry the prefix too
+    for base_url in (live.url + "/glm/v1", live.base_url):  # as sent by the client / as a stripping proxy forwards
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0) as sdk:
+            assert sdk.models.list().data[0].id == "glm-4"
+            reply = sdk.chat.completions.create(model="glm-4", messages=HELLO, max_tokens=3, temperature=0)
+            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in sdk.chat.completions.create(
+                model="glm-4", messages=HELLO, max_tokens=3, temperature=0, stream=True) if chunk.choices)
+            assert streamed == reply.choices[0].message.content
+    assert httpx.get(live.url + "/glm/health").json() == {"status": "ok"}
+    assert httpx.get(live.url + "/glm/openapi.json").json()["servers"] == [{"url": "/glm"}]
+    assert httpx.get(live.url + "/glm/").status_code == 200
+    assert httpx.get(live.url + "/glm/config").json()["root"].endswith("/glm")
