@@ -62,7 +62,8 @@ def third_party_imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
     ours = {p.stem for p in ROOT.iterdir() if p.suffix == ".py" or (p.is_dir() and not p.name.startswith("."))}
-    ours |= {p.stem for p in path.parent.glob("*.py")}  # `python bench/x.py` imports bench/common.py as `common`
+    ours |= {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")}  # bench/x.py imports
+    # its neighbours by name (`from common import ...`), and tests import bench scripts the same way
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
