@@ -103,7 +103,8 @@ def concurrency_paragraph(c: dict | None) -> str:
     single = f"{c['single_vs_baseline']:.2f}× the unbatched server"
     if c["scaling_at_8"] is None:
         return text + f"A single client runs at {single}."
-    return text + f"8 clients get {c['scaling_at_8']:.2f}× the single-client throughput; a single client runs at {single}."
+    return text + (f"8 clients get {c['scaling_at_8']:.2f}× the single-client throughput; a single client runs at "
+                   f"{single}.")
 
 
 def overhead_sentence(e: dict | None) -> str:

@@ -261,8 +261,8 @@ def render(f: dict, soak: dict | None) -> str:
              f"**0 5xx**; every refusal a 4xx in the envelope; {len(hostile['problems'])} unexpected answers; "
              "healthy after"],
             ["load", f"{burst['clients']} streaming clients at once against 8 slots + 32 queue places",
-             f"all {burst['clients']} accounted for: {burst['completed']} streamed to [DONE], {burst['rejected']} refused "
-             f"with 429 + Retry-After (this run), **{lost} lost or hung**"],
+             f"all {burst['clients']} accounted for: {burst['completed']} streamed to [DONE], {burst['rejected']} "
+             f"refused with 429 + Retry-After (this run), **{lost} lost or hung**"],
             ["full queue", "8 running + 32 queued requests held open, then 2 more, then all 40 clients gone",
              f"both extra requests 429 with Retry-After; all {queue['cancelled']:.0f} places freed in "
              f"{queue['freed_after_s']:.1f} s"],
@@ -332,8 +332,7 @@ def render(f: dict, soak: dict | None) -> str:
             ["lost, hung, malformed or any other status", lost],
             ["completed + refused", f"{burst['completed'] + burst['rejected']} of {burst['clients']}"],
             ["server counters: finished / rejected / failed / cancelled",
-             f"{burst['metrics']['finished']:.0f} / {burst['metrics']['rejected']:.0f} / {burst['metrics']['failed']:.0f}"
-             f" / {burst['metrics']['cancelled']:.0f}"],
+             " / ".join(f"{burst['metrics'][key]:.0f}" for key in ("finished", "rejected", "failed", "cancelled"))],
             ["running / waiting afterwards", f"{burst['metrics']['running_after']:.0f} / "
                                              f"{burst['metrics']['waiting_after']:.0f}"],
             ["burst duration; slowest accepted request", f"{burst['seconds']:.1f} s; {burst['slowest']:.1f} s"],
@@ -434,7 +433,7 @@ def main() -> int:
     text = write_document()
     if args.print:
         print(text)
-    print(f"wrote {DOC.relative_to(ROOT)} (from bench/results/reliability.json, run of {figures['provenance']['date']})")
+    print(f"wrote {DOC.relative_to(ROOT)} from bench/results/reliability.json (run of {figures['provenance']['date']})")
     failed = (figures["fuzz"]["server_errors"] or figures["fuzz"]["envelope_errors"] or figures["hostile"]["problems"]
               or figures["load"]["burst"]["broken"] or not all(row["ok"] for row in figures["faults"])
               or figures["security"]["failed"])

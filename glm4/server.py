@@ -11,7 +11,6 @@ import logging
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette._utils import get_route_path
 
 from glm4 import __version__
 from glm4.api.errors import APIError, error_body, install_error_handlers
@@ -22,6 +21,15 @@ from glm4.engine.base import Engine
 from glm4.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: uvicorn puts --root-path in front of the path the client sent, and Starlette
+    strips it again before matching routes (the same rule as Starlette's own, which is private)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):]
+    return path
 
 
 class GuardMiddleware:
@@ -64,7 +72,7 @@ class GuardMiddleware:
             return message
 
         try:
-            if self.state.status == "draining" and get_route_path(scope).startswith("/v1/"):
+            if self.state.status == "draining" and route_path(scope).startswith("/v1/"):
                 await refuse(APIError(503, "the server is shutting down; retry on another instance",
                                       code="unavailable", headers={"Retry-After": "5"}))
                 return
@@ -75,7 +83,7 @@ class GuardMiddleware:
             await self.app(scope, receive_limited, send_once)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or ("other" if get_route_path(scope).startswith("/v1") else "/")
+            path = getattr(route, "path", None) or ("other" if route_path(scope).startswith("/v1") else "/")
             self.state.metrics.http_requests.labels(path, str(status["sent"] or 500)).inc()
 
     @staticmethod
@@ -138,7 +146,7 @@ class AcceptPrefixedPaths:
 
     async def __call__(self, scope, receive, send):
         if self.root_path and scope["type"] in ("http", "websocket"):
-            route = get_route_path(scope)  # uvicorn put root_path in front of the path the client sent
+            route = route_path(scope)  # uvicorn put root_path in front of the path the client sent
             if route == self.root_path or route.startswith(self.root_path + "/"):
                 cut = len(self.root_path)
                 scope = {**scope, "path": scope["path"][cut:],

@@ -20,11 +20,11 @@ import threading
 from typing import Any, Callable
 
 from fastapi.responses import HTMLResponse, JSONResponse
-from starlette._utils import get_route_path
 
 from glm4.api.errors import APIError
 from glm4.api.protocol import HealthResponse
 from glm4.engine.base import Engine
+from glm4.server import UnsafeSettings, route_path
 from glm4.settings import Settings
 
 log = logging.getLogger("glm4")
@@ -70,7 +70,7 @@ class StartupApp:
             return
         if scope["type"] != "http":
             return
-        path = get_route_path(scope)
+        path = route_path(scope)
         if path == "/health":
             response = JSONResponse(HealthResponse(status="loading").model_dump(), status_code=503,
                                     headers=RETRY_AFTER)
@@ -98,7 +98,6 @@ class StartupApp:
     async def _load(self) -> None:
         from glm4.loading import ModelLoadError
         from glm4.placement import PlacementError
-        from glm4.server import UnsafeSettings
 
         try:
             engine = await self._on_thread(self.build_engine)
