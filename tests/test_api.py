@@ -169,7 +169,7 @@ def test_penalties_change_a_greedy_reply_that_repeats_itself(client, penalty):
     openai_penalty = {k: v for k, v in penalty.items() if k != "extra_body"}
     penalized = reply_text(client, **kwargs, **openai_penalty, extra_body=extra)
     assert penalized != plain
-    neutral = {k: 0.0 for k in openai_penalty} or {}
+    neutral = {k: 0.0 for k in openai_penalty}
     neutral_extra = {"ignore_eos": True, **({"repetition_penalty": 1.0} if "extra_body" in penalty else {})}
     assert reply_text(client, **kwargs, **neutral, extra_body=neutral_extra) == plain  # 0 / 1.0 = off
 
