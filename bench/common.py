@@ -123,11 +123,15 @@ def describe_provenance(record: dict) -> str:
             f"the start" + (f", {end[0]:.1f} at the end" if end else "") + ".")
 
 
-def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
-    """bench/results/<name>.json: the figures and their provenance, the only source README and docs quote."""
+def write_results(name: str, data: dict, folder: Path = RESULTS, title: str | None = None,
+                  markdown: str = "") -> Path:
+    """bench/results/<name>.json: the figures and their provenance, the only source README and docs quote;
+    with a title also <name>.md, for people: the title, where the figures come from, then `markdown`."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    if title is not None:
+        (folder / f"{name}.md").write_text(f"# {title}\n\n{describe_provenance(data['provenance'])}\n\n{markdown}")
     return path
 
 

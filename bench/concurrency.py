@@ -25,7 +25,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from common import (RESULTS, ServerProcess, describe_provenance, finish_provenance, machine_summary, markdown_table,
+from common import (RESULTS, ServerProcess, finish_provenance, machine_summary, markdown_table,
                     median, percentile, provenance, write_results)
 
 FORCED_SENTENCE = "The quick brown fox jumps over the lazy dog. "
@@ -243,9 +243,6 @@ async def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         finish_provenance(record)
-        (out / "concurrency.md").write_text(
-            f"# Concurrency\n\n{describe_provenance(record)}\n\n{setup}.\n\n{table}\n\n"
-            + "\n".join(f"- {line}" for line in lines) + "\n\n![concurrency](concurrency.png)\n")
 
         def level(r: LevelResult) -> dict:
             return {"clients": r.clients, "aggregate": r.aggregate, "per_stream": r.per_stream, "ttft_p50": r.ttft_p50,
@@ -255,7 +252,8 @@ async def main() -> None:
             "provenance": record, "setup": setup, "levels": levels, "batched_flags": batched_name,
             "baseline_flags": baseline_name, "tokens_per_request": tokens, "single_vs_baseline": single_ratio,
             "scaling_at_8": scale8, "batched": [level(r) for r in batched], "baseline": [level(r) for r in baseline]},
-            out)
+            out, "Concurrency", f"{setup}.\n\n{table}\n\n" + "\n".join(f"- {line}" for line in lines)
+            + "\n\n![concurrency](concurrency.png)\n")
         plot(levels, batched, baseline, out / "concurrency.png", setup[:160])
         print(f"wrote {out / 'concurrency.json'}, concurrency.md and concurrency.png")
 

@@ -21,7 +21,7 @@ import time
 
 from pathlib import Path
 
-from common import (RESULTS, describe_provenance, finish_provenance, load_tiny, machine_summary, markdown_table,
+from common import (RESULTS, finish_provenance, load_tiny, machine_summary, markdown_table,
                     median, prompt_for, provenance, write_results)
 
 
@@ -110,9 +110,8 @@ async def main() -> None:
             "provenance": record, "setup": setup, "tokens": args.tokens, "runs": args.runs,
             "raw_tok_s": raw_rates, "engine_tok_s": engine_rates, "raw_cpu_ms_per_token": raw_cpu,
             "engine_cpu_ms_per_token": engine_cpu, "ratio": ratio, "cpu_ratio": cpu_ratio,
-            "same_tokens": all(row[-1] == "yes" for row in rows[:-1])}, Path(args.out))
-        (Path(args.out) / "engine_overhead.md").write_text(
-            f"# Engine overhead\n\n{describe_provenance(record)}\n\n{setup}.\n\n{table}\n\n{summary}\n")
+            "same_tokens": all(row[-1] == "yes" for row in rows[:-1])}, Path(args.out), "Engine overhead",
+            f"{setup}.\n\n{table}\n\n{summary}\n")
         print(f"wrote {Path(args.out) / 'engine_overhead.json'} and engine_overhead.md")
 
 

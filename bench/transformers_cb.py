@@ -17,7 +17,7 @@ import time
 
 from pathlib import Path
 
-from common import (RESULTS, describe_provenance, finish_provenance, load_tiny, machine_summary, markdown_table,
+from common import (RESULTS, finish_provenance, load_tiny, machine_summary, markdown_table,
                     median, prompt_for, provenance, write_results)
 
 # Explicit sizing for a small model on CPU (DESIGN.md: the defaults were ~5x slower here): 16-token
@@ -111,10 +111,8 @@ async def main() -> None:
         write_results("transformers_cb", {
             "provenance": record, "setup": setup, "tokens": args.tokens, "runs": args.runs,
             "systems": list(systems), "rows": [{"requests": row[0], **dict(zip(systems, row[1:]))} for row in rows],
-            "cb_tokens_equal_generate": same}, Path(args.out))
-        (Path(args.out) / "transformers_cb.md").write_text(
-            f"# Our engine vs transformers' continuous batching\n\n{describe_provenance(record)}\n\n{setup}.\n\n"
-            f"{table}\n\nCB greedy tokens equal `generate`'s: {same}\n")
+            "cb_tokens_equal_generate": same}, Path(args.out), "Our engine vs transformers' continuous batching",
+            f"{setup}.\n\n{table}\n\nCB greedy tokens equal `generate`'s: {same}\n")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import their neighbour `common` by that name
 
-import readme_figures  # noqa: E402
-import reliability_report  # noqa: E402
+from bench import readme_figures, reliability_report  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
