@@ -5,13 +5,18 @@ Benchmarks are scripts, not tests: run them from the repository root, e.g. `pyth
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import shlex
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,9 +66,77 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def machine_summary() -> str:
-    import platform
+VERSIONS = ("torch", "transformers", "tokenizers", "accelerate", "bitsandbytes", "gradio", "fastapi", "starlette",
+            "uvicorn", "openai", "schemathesis")
 
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def provenance() -> dict:
+    """Where, how and on what a figure was measured; every results file carries it (bench/readme_figures.py
+    quotes nothing without it). Call it when the measurement starts: the load average is the box's at that time."""
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in VERSIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__  # with its build tag (+cpu, +cu126)
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "app.py", "glm4", "bench")),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "gpus": gpus},
+        "versions": versions,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def finish_provenance(record: dict) -> dict:
+    """The load average when the measurement ended (a busy box at either end makes the figures suspect)."""
+    record["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return record
+
+
+def describe_provenance(record: dict) -> str:
+    """One line for a markdown results file."""
+    machine, versions = record["machine"], record["versions"]
+    hardware = f"{machine['processor']}, {machine['cpus']} CPUs" + (f", {', '.join(machine['gpus'])}"
+                                                                     if machine["gpus"] else "")
+    dirty = " plus uncommitted changes" if record["git_dirty"] else ""
+    end = record.get("load_average_end")
+    return (f"Measured {record['date']} by `{record['command']}` at commit {record['git_commit'][:10]}{dirty} on "
+            f"{hardware} ({machine['platform']}); python {versions['python']}, torch {versions['torch']}, "
+            f"transformers {versions['transformers']}; load average {record['load_average_start'][0]:.1f} at "
+            f"the start" + (f", {end[0]:.1f} at the end" if end else "") + ".")
+
+
+def write_results(name: str, data: dict, folder: Path = RESULTS, title: str | None = None,
+                  markdown: str = "") -> Path:
+    """bench/results/<name>.json: the figures and their provenance, the only source README and docs quote;
+    with a title also <name>.md, for people: the title, where the figures come from, then `markdown`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    if title is not None:
+        (folder / f"{name}.md").write_text(f"# {title}\n\n{describe_provenance(data['provenance'])}\n\n{markdown}")
+    return path
+
+
+def machine_summary() -> str:
+    """A short line for a script's console output."""
     import torch
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -14,7 +14,7 @@ max_tokens instead and counts what came back.
 
     python bench/concurrency.py [--clients 1,2,4,8,16] [--tokens 128] [--rounds 2] [--mode forced|sampled]
 
-Writes bench/results/concurrency.md and bench/results/concurrency.png.
+Writes bench/results/concurrency.json (figures + provenance: what bench/readme_figures.py quotes), .md and .png.
 Targets: aggregate at 8 clients >= 5x single (never below 4x); single client >= 0.95x the baseline.
 """
 
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 
-from common import RESULTS, ServerProcess, machine_summary, markdown_table, median, percentile
+from common import (RESULTS, ServerProcess, finish_provenance, machine_summary, markdown_table,
+                    median, percentile, provenance, write_results)
 
 FORCED_SENTENCE = "The quick brown fox jumps over the lazy dog. "
 
@@ -182,6 +182,7 @@ async def main() -> None:
     hooks = ["--test-hooks"] if text is not None else []
     batched_name, baseline_name = f"--max-num-seqs {args.max_num_seqs}", "--max-num-seqs 1"
     print(machine_summary())
+    record = provenance()
     servers = [ServerProcess("--max-num-seqs", str(args.max_num_seqs), "--max-queue", "64", *hooks, log_name="batched"),
                ServerProcess("--max-num-seqs", "1", "--max-queue", "64", *hooks, log_name="baseline")]
     batched: list[LevelResult] = []
@@ -221,6 +222,7 @@ async def main() -> None:
     table = markdown_table(header, rows)
     single_ratio = batched[0].aggregate / baseline[0].aggregate
     lines = [f"single client vs before batching: {single_ratio:.2f}x (target >= 0.95)"]
+    scale8 = None
     if 8 in levels:
         eight = batched[levels.index(8)]
         scale8 = eight.aggregate / batched[0].aggregate
@@ -229,7 +231,7 @@ async def main() -> None:
         lines.append(f"server CPU per token at 8 clients = 1/{batched[0].cpu_ms_per_token / eight.cpu_ms_per_token:.2f}"
                      " of single (CPU time: moves less with other load on the box than wall-clock)")
     tokens = batched[0].tokens / batched[0].requests
-    setup = (f"{machine_summary()}; tiny GLM-4 on CPU; {args.mode} replies of {tokens:.0f} tokens, {args.rounds} "
+    setup = (f"tiny GLM-4 on CPU; {args.mode} replies of {tokens:.0f} tokens, {args.rounds} "
              f"requests per client back to back; batched = `{batched_name}`, before = `{baseline_name}`; "
              f"at each level the two servers take turns (ABBA...), {args.repeats} runs each (aggregate = median run)")
     print()
@@ -240,19 +242,20 @@ async def main() -> None:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        command = "python bench/concurrency.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-        (out / "concurrency.md").write_text(
-            f"# Concurrency\n\n`{command}`\n\n{setup}.\n\n{table}\n\n" + "\n".join(f"- {line}" for line in lines)
+        finish_provenance(record)
+
+        def level(r: LevelResult) -> dict:
+            return {"clients": r.clients, "aggregate": r.aggregate, "per_stream": r.per_stream, "ttft_p50": r.ttft_p50,
+                    "ttft_p95": r.ttft_p95, "cpu_ms_per_token": r.cpu_ms_per_token, "runs": r.rates}
+
+        write_results("concurrency", {
+            "provenance": record, "setup": setup, "levels": levels, "batched_flags": batched_name,
+            "baseline_flags": baseline_name, "tokens_per_request": tokens, "single_vs_baseline": single_ratio,
+            "scaling_at_8": scale8, "batched": [level(r) for r in batched], "baseline": [level(r) for r in baseline]},
+            out, "Concurrency", f"{setup}.\n\n{table}\n\n" + "\n".join(f"- {line}" for line in lines)
             + "\n\n![concurrency](concurrency.png)\n")
-        (out / "concurrency.json").write_text(json.dumps(
-            {"setup": setup, "levels": levels,
-             "batched": [{"clients": r.clients, "aggregate": r.aggregate, "per_stream": r.per_stream,
-                          "ttft_p50": r.ttft_p50, "ttft_p95": r.ttft_p95} for r in batched],
-             "baseline": [{"clients": r.clients, "aggregate": r.aggregate, "per_stream": r.per_stream,
-                           "ttft_p50": r.ttft_p50, "ttft_p95": r.ttft_p95} for r in baseline]}, indent=1))
         plot(levels, batched, baseline, out / "concurrency.png", setup[:160])
-        print(f"wrote {out / 'concurrency.md'} and {out / 'concurrency.png'}")
+        print(f"wrote {out / 'concurrency.json'}, concurrency.md and concurrency.png")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ interleaved (raw, engine, raw, engine, ...) so machine noise hits both alike; th
 CPU time per token (the whole process: the engine's worker thread plus the event loop consuming the
 stream) is reported too: on a shared box it moves far less with other load than wall-clock does.
 
-    python bench/engine_overhead.py [--tokens 256] [--runs 7] [--model tiny] [--out bench/results/engine_overhead.md]
+    python bench/engine_overhead.py [--tokens 256] [--runs 7] [--model tiny] [--out bench/results]
+
+Writes engine_overhead.json (figures + provenance: what bench/readme_figures.py quotes) and engine_overhead.md.
 
 Target: engine / raw >= 0.95.
 """
@@ -17,7 +19,10 @@ import argparse
 import asyncio
 import time
 
-from common import RESULTS, load_tiny, machine_summary, markdown_table, median, prompt_for
+from pathlib import Path
+
+from common import (RESULTS, finish_provenance, load_tiny, machine_summary, markdown_table,
+                    median, prompt_for, provenance, write_results)
 
 
 def raw_generate(model, prompt_ids: list[int], tokens: int) -> tuple[float, float, list[int]]:
@@ -50,7 +55,7 @@ async def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per run")
     parser.add_argument("--runs", type=int, default=7, help="measured runs of each (after one warm-up each)")
-    parser.add_argument("--out", default=str(RESULTS / "engine_overhead.md"), help="markdown table ('' = none)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for engine_overhead.json/.md ('' = none)")
     args = parser.parse_args()
 
     import torch
@@ -62,6 +67,7 @@ async def main() -> None:
     engine = LocalEngine(model, tokenizer, loaded.info, max_num_seqs=8, max_queue=8)
     await engine.start()
     prompt = prompt_for(tokenizer)
+    record = provenance()  # after the engine set its thread count
     print(f"{machine_summary()}; torch threads {torch.get_num_threads()}")
     print(f"model {loaded.info.source} ({loaded.info.dtype}), prompt {len(prompt.token_ids)} tokens, "
           f"{args.tokens} new tokens, greedy, {args.runs} interleaved runs after a warm-up")
@@ -96,11 +102,17 @@ async def main() -> None:
     print(table)
     print(summary)
     if args.out:
-        with open(args.out, "w") as out:
-            out.write(f"# Engine overhead\n\n`python bench/engine_overhead.py --tokens {args.tokens} --runs "
-                      f"{args.runs}`: {machine_summary()}, torch threads {torch.get_num_threads()}; model "
-                      f"{loaded.info.source.rsplit('/', 1)[-1]}, prompt {len(prompt.token_ids)} tokens, "
-                      f"{args.tokens} new tokens, greedy.\n\n{table}\n\n{summary}\n")
+        finish_provenance(record)
+        setup = (f"model {loaded.info.source.rsplit('/', 1)[-1]} ({loaded.info.dtype}), prompt {len(prompt.token_ids)} "
+                 f"tokens, {args.tokens} new tokens, greedy, EOS ignored, {args.runs} interleaved runs after a "
+                 f"warm-up, torch threads {torch.get_num_threads()}")
+        write_results("engine_overhead", {
+            "provenance": record, "setup": setup, "tokens": args.tokens, "runs": args.runs,
+            "raw_tok_s": raw_rates, "engine_tok_s": engine_rates, "raw_cpu_ms_per_token": raw_cpu,
+            "engine_cpu_ms_per_token": engine_cpu, "ratio": ratio, "cpu_ratio": cpu_ratio,
+            "same_tokens": all(row[-1] == "yes" for row in rows[:-1])}, Path(args.out), "Engine overhead",
+            f"{setup}.\n\n{table}\n\n{summary}\n")
+        print(f"wrote {Path(args.out) / 'engine_overhead.json'} and engine_overhead.md")
 
 
 if __name__ == "__main__":

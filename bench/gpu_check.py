@@ -47,13 +47,16 @@ def card_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86'})"
 
 
-def build_random_checkpoint(out: Path) -> Path:
-    """A GLM-4-9B-shaped checkpoint with random weights (initialized on the GPU: fast), plus the tiny tokenizer."""
+def build_random_checkpoint(out: Path, layers: int | None = None) -> Path:
+    """A GLM-4-9B-shaped checkpoint with random weights (initialized on the GPU: fast), plus the tiny tokenizer;
+    `layers` cuts it to that many decoder layers."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (out / "config.json").exists():
         return out
     config = AutoConfig.from_pretrained(BUNDLED_CONFIGS[REAL_MODEL_ID])
+    if layers is not None:
+        config.num_hidden_layers = layers
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out, max_shard_size="4GB")
@@ -218,6 +221,82 @@ async def split_matches_unsplit(args) -> dict:
             "prompts": len(prompts), "identical": outputs["split"] == outputs["unsplit"]}
 
 
+def tensor_bytes(model) -> int:
+    """Bytes of every tensor a loaded model holds: parameters, buffers and bitsandbytes' quantization state."""
+    held: dict[tuple[int, int], int] = {}
+
+    def add(tensor) -> None:
+        if isinstance(tensor, torch.Tensor):
+            held[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()  # tied: once
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        add(tensor)
+        state = getattr(tensor, "quant_state", None)  # 4-bit: absmax, code, offset, and the nested state
+        if state is not None:
+            for name in ("absmax", "code", "offset"):
+                add(getattr(state, name, None))
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                add(getattr(nested, "absmax", None))
+                add(getattr(nested, "code", None))
+        add(getattr(tensor, "SCB", None))  # 8-bit: the per-row scales
+    return sum(held.values())
+
+
+def measure_sizes(args) -> dict:
+    """What glm4.placement plans with, measured (tests/test_placement.py checks its estimates against this).
+
+    Per quantization: the bytes of the loaded weights, the KV cache per token, and the peak memory over the
+    weights during one forward pass of N tokens (logits_to_keep=1, KV cache included). On CUDA the model is
+    GLM-4-9B-shaped with random weights cut to 4 layers, bf16, and bytes come from the CUDA allocator; with
+    --tiny (CPU) it is the tiny model, weights are counted tensor by tensor and there is no peak to read.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+    from glm4.loading import quantization_config
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    source = build_random_checkpoint(Path(args.workdir) / "glm-4-9b-random-4-layers", layers=4) if cuda \
+        else TINY_MODEL_DIR
+    device, dtype = ("cuda:0", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    config = AutoConfig.from_pretrained(source)
+    tokens = [int(n) for n in args.size_tokens.split(",")]
+    modes = {}
+    for quantization in ("none", "4bit", "8bit"):
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            baseline = torch.cuda.memory_allocated(0)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, device_map={"": device},
+            quantization_config=quantization_config(quantization, dtype)).eval()
+        weight_bytes = torch.cuda.memory_allocated(0) - baseline if cuda else tensor_bytes(model)
+        peaks, kv_per_token = {}, None
+        for count in tokens:
+            ids = torch.randint(0, config.vocab_size, (1, count), device=device)
+            cache = DynamicCache(config=model.config)
+            if cuda:
+                sync()
+                torch.cuda.reset_peak_memory_stats(0)
+                before = torch.cuda.memory_allocated(0)
+            with torch.inference_mode():
+                model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            if cuda:
+                sync()
+                peaks[str(count)] = round((torch.cuda.max_memory_allocated(0) - before) / 2**20, 1)
+            kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+            kv_per_token = kv_bytes // count
+            del cache
+        modes[quantization] = {"weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
+                               "prefill_peak_mib": peaks or None}
+        print(f"sizes {quantization}: {json.dumps(modes[quantization])}", flush=True)
+        del model
+    return {"model": "GLM-4-9B-shaped, 4 layers, random weights" if cuda else "tiny", "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "num_hidden_layers": config.num_hidden_layers,
+            "method": "torch.cuda.memory_allocated / max_memory_allocated" if cuda else "tensor bytes (CPU)",
+            "modes": modes}
+
+
 def print_table(report: dict) -> None:
     modes = report["modes"]
     streams = report["settings"]["streams"]
@@ -260,6 +339,7 @@ async def main_async(args) -> dict:
         args.out_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")  # partial results survive a timeout
     if not args.skip_split_check:
         report["split_check"] = await split_matches_unsplit(args)
+    report["sizes"] = measure_sizes(args)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -276,10 +356,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--skip-split-check", action="store_true", help="skip the split-vs-unsplit greedy check")
+    parser.add_argument("--size-tokens", default=None,
+                        help="forward-pass lengths for the sizes measurement (default 512,2048,8192; --tiny 64,256)")
     parser.add_argument("--out", help="JSON path (default bench/results/gpu_check-<card>.json)")
     args = parser.parse_args()
     args.prompt_tokens = args.prompt_tokens or (64 if args.tiny else 512)
     args.new_tokens = args.new_tokens or (32 if args.tiny else 128)
+    args.size_tokens = args.size_tokens or ("64,256" if args.tiny else "512,2048,8192")
     slug = "".join(c if c.isalnum() else "-" for c in card_name()).strip("-").lower()
     out = args.out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_check-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

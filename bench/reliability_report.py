@@ -1,8 +1,12 @@
 """Regenerate docs/RELIABILITY.md: run the reliability scenarios (the same functions the tests run) and write
-down what was tried and what came out.
+down what was tried and what came out. This script is the only writer of that document.
 
-    python bench/reliability_report.py          # about 4-5 minutes on 2 cores; writes docs/RELIABILITY.md
-    python bench/reliability_report.py --print  # the same, also printed
+    python bench/reliability_report.py           # about 4-5 minutes on 2 cores
+    python bench/reliability_report.py --print   # the same, also printed
+    python bench/reliability_report.py --render  # no run: the document again from the results files
+
+A run writes its figures and their provenance to bench/results/reliability.json, then renders the document
+from that file and bench/results/soak.json (tests/test_figures.py checks the document equals that rendering).
 
 Scenarios: schemathesis fuzzing (tests/test_fuzz.py), hand-written hostile requests (tests/test_hostile.py),
 64 concurrent streaming clients and a full queue (tests/test_load.py), faults (tests/test_faults.py), the
@@ -21,9 +25,9 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from dataclasses import asdict
 
-from common import RESULTS, ROOT, machine_summary
+from common import RESULTS, ROOT, describe_provenance, finish_provenance, provenance, write_results
 
 import httpx
 
@@ -152,7 +156,7 @@ def run_load() -> dict:
         queue["refused"] = [(r.status_code, r.headers.get("retry-after")) for r in queue["refused"]]
     finally:
         returncode = live.stop()
-    return {"burst": burst, "queue": queue, "returncode": returncode}
+    return {"burst": asdict(burst), "queue": queue, "returncode": returncode, "tokens": load.TOKENS}
 
 
 def run_one_slot() -> list[dict]:
@@ -181,16 +185,16 @@ def run_security() -> dict:
             "seconds": time.monotonic() - started}
 
 
-def soak_summary() -> dict | None:
-    path = RESULTS / "soak.json"
-    return json.loads(path.read_text())["result"] if path.exists() else None
+def load_results(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def collect() -> dict:
     from tests.conftest import LiveServer
 
     started = time.monotonic()
-    figures: dict = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine_summary()}
+    figures: dict = {"provenance": provenance()}
     live = LiveServer("--no-ui", "--test-hooks")
     try:
         figures["fuzz"] = run_fuzz(live.url)
@@ -201,8 +205,8 @@ def collect() -> dict:
     figures["load"] = run_load()
     figures["faults"] += run_one_slot()
     figures["security"] = run_security()
-    figures["soak"] = soak_summary()
     figures["seconds"] = time.monotonic() - started
+    finish_provenance(figures["provenance"])
     return figures
 
 
@@ -223,11 +227,13 @@ def fmt(value) -> str:
     return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def render(f: dict) -> str:
+def render(f: dict, soak: dict | None) -> str:
+    """The document from a run's figures (bench/results/reliability.json) and the last soak (soak.json)."""
     fuzz, hostile, load, security = f["fuzz"], f["hostile"], f["load"], f["security"]
     burst, queue = load["burst"], load["queue"]
     faults_ok = sum(row["ok"] for row in f["faults"])
-    lost = len(burst.broken)
+    lost = len(burst["broken"])
+    soak = soak if soak and "provenance" in soak else None  # a soak without provenance is not quoted
     lines = [
         "# Reliability: what was tried, and the figures",
         "",
@@ -236,7 +242,8 @@ def render(f: dict) -> str:
         "test_security.py, against the real server (`python app.py --model tiny`, the embedded tiny GLM-4 "
         "on CPU) started as a subprocess on 127.0.0.1.",
         "",
-        f"This run: {f['date']} · {f['machine']} · {f['seconds'] / 60:.1f} minutes.",
+        f"This run: {describe_provenance(f['provenance'])} It took {f['seconds'] / 60:.1f} minutes; its figures "
+        "are in [bench/results/reliability.json](../bench/results/reliability.json).",
         "",
         "The generated cases are the same every run (derandomized), so the counts of requests, statuses and "
         "failures repeat exactly. What depends on timing changes from run to run: durations, how the 64 load "
@@ -255,9 +262,9 @@ def render(f: dict) -> str:
                                  f"{len(hostile['garbage'])} non-HTTP byte streams",
              f"**0 5xx**; every refusal a 4xx in the envelope; {len(hostile['problems'])} unexpected answers; "
              "healthy after"],
-            ["load", f"{burst.clients} streaming clients at once against 8 slots + 32 queue places",
-             f"all {burst.clients} accounted for: {burst.completed} streamed to [DONE], {burst.rejected} refused "
-             f"with 429 + Retry-After (this run), **{lost} lost or hung**"],
+            ["load", f"{burst['clients']} streaming clients at once against 8 slots + 32 queue places",
+             f"all {burst['clients']} accounted for: {burst['completed']} streamed to [DONE], {burst['rejected']} "
+             f"refused with 429 + Retry-After (this run), **{lost} lost or hung**"],
             ["full queue", "8 running + 32 queued requests held open, then 2 more, then all 40 clients gone",
              f"both extra requests 429 with Retry-After; all {queue['cancelled']:.0f} places freed in "
              f"{queue['freed_after_s']:.1f} s"],
@@ -267,7 +274,7 @@ def render(f: dict) -> str:
             ["security", "tests/test_security.py (API key on every /v1 route, Gradio routes behind the UI "
                          "login, bind warning, log contents) + the early-disconnect unit test",
              f"{security['passed']} passed, {security['failed']} failed"],
-            ["soak", soak_cell(f["soak"]), soak_result(f["soak"])],
+            ["soak", soak_cell(soak), soak_result(soak)],
         ]),
         "",
         "## Fuzzing (tests/test_fuzz.py)",
@@ -318,20 +325,19 @@ def render(f: dict) -> str:
           else []),
         "## Load (tests/test_load.py)",
         "",
-        f"Server: `--max-num-seqs 8 --max-queue 32`. {burst.clients} clients open their connections, then all "
-        f"send a streamed request ({load_tokens()} tokens) at once.",
+        f"Server: `--max-num-seqs 8 --max-queue 32`. {burst['clients']} clients open their connections, then all "
+        f"send a streamed request ({load['tokens']} tokens) at once.",
         "",
         markdown_table(["figure", "value"], [
-            ["streamed to a well-formed end ([DONE], one id, one finish_reason) — this run", burst.completed],
-            ["refused with 429 + Retry-After in the envelope — this run", burst.rejected],
+            ["streamed to a well-formed end ([DONE], one id, one finish_reason) — this run", burst['completed']],
+            ["refused with 429 + Retry-After in the envelope — this run", burst['rejected']],
             ["lost, hung, malformed or any other status", lost],
-            ["completed + refused", f"{burst.completed + burst.rejected} of {burst.clients}"],
+            ["completed + refused", f"{burst['completed'] + burst['rejected']} of {burst['clients']}"],
             ["server counters: finished / rejected / failed / cancelled",
-             f"{burst.metrics['finished']:.0f} / {burst.metrics['rejected']:.0f} / {burst.metrics['failed']:.0f}"
-             f" / {burst.metrics['cancelled']:.0f}"],
-            ["running / waiting afterwards", f"{burst.metrics['running_after']:.0f} / "
-                                             f"{burst.metrics['waiting_after']:.0f}"],
-            ["burst duration; slowest accepted request", f"{burst.seconds:.1f} s; {burst.slowest:.1f} s"],
+             " / ".join(f"{burst['metrics'][key]:.0f}" for key in ("finished", "rejected", "failed", "cancelled"))],
+            ["running / waiting afterwards", f"{burst['metrics']['running_after']:.0f} / "
+                                             f"{burst['metrics']['waiting_after']:.0f}"],
+            ["burst duration; slowest accepted request", f"{burst['seconds']:.1f} s; {burst['slowest']:.1f} s"],
             ["full queue: statuses of 2 extra requests (Retry-After)",
              ", ".join(f"{status} ({retry})" for status, retry in queue["refused"])],
             ["full queue: places freed after 40 clients left", f"{queue['cancelled']:.0f} in "
@@ -353,7 +359,7 @@ def render(f: dict) -> str:
         "",
         "## Soak (bench/soak.py)",
         "",
-        soak_text(f["soak"]),
+        soak_text(soak),
         "",
         "## Bugs found and fixed",
         "",
@@ -367,12 +373,6 @@ def render(f: dict) -> str:
     return "\n".join(lines)
 
 
-def load_tokens() -> int:
-    from tests.test_load import TOKENS
-
-    return TOKENS
-
-
 def fault_figures(figures: dict) -> str:
     parts = []
     for key, value in figures.items():
@@ -384,25 +384,29 @@ def fault_figures(figures: dict) -> str:
     return "; ".join(parts)
 
 
-def soak_cell(soak: dict | None) -> str:
-    if not soak:
-        return "not run yet (`python bench/soak.py`)"
+def soak_cell(record: dict | None) -> str:
+    if not record:
+        return "no soak result with provenance yet (`python bench/soak.py`)"
+    soak = record["result"]
     return (f"{soak['minutes']:g} minutes of mixed and hostile traffic, {soak['clients']} clients, "
-            f"{fmt(soak['requests'])} requests ({soak['date']})")
+            f"{fmt(soak['requests'])} requests ({record['provenance']['date']})")
 
 
-def soak_result(soak: dict | None) -> str:
-    if not soak:
+def soak_result(record: dict | None) -> str:
+    if not record:
         return "—"
+    soak = record["result"]
     return (f"RSS {soak['rss_growth_mb']:+.1f} MiB and open fds {soak['fds_growth']:+g} after warm-up: "
             f"{'**growth**' if soak['leak'] else 'no growth'}")
 
 
-def soak_text(soak: dict | None) -> str:
-    if not soak:
-        return "No soak run recorded yet: `python bench/soak.py` writes bench/results/soak.{md,png,json}."
-    return (f"From the last `python bench/soak.py` run ({soak['date']}, {soak['machine']}; not repeated by this "
-            f"script): {soak['minutes']:g} minutes, {soak['clients']} clients looping over streamed and whole "
+def soak_text(record: dict | None) -> str:
+    if not record:
+        return ("No soak result with provenance yet: `python bench/soak.py` writes bench/results/soak.{md,png,json} "
+                "(with the commit, machine, versions and load it ran under).")
+    soak = record["result"]
+    return (f"From the last soak run (not repeated by this script). {describe_provenance(record['provenance'])} "
+            f"{soak['minutes']:g} minutes, {soak['clients']} clients looping over streamed and whole "
             "replies, mid-stream resets, malformed and wrong-typed bodies, 9 MiB bodies, failing steps and "
             f"unknown models against `--max-num-seqs 4 --max-queue 4`: {fmt(soak['requests'])} requests. Server "
             f"RSS {soak['rss_after_warmup_mb']:.1f} → {soak['rss_end_mb']:.1f} MiB after the "
@@ -413,19 +417,27 @@ def soak_text(soak: dict | None) -> str:
             "[bench/results/soak.png](../bench/results/soak.png).")
 
 
+def write_document() -> str:
+    text = render(load_results("reliability"), load_results("soak"))
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
+    return text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--print", action="store_true", help="also print the document")
+    parser.add_argument("--render", action="store_true", help="only render the document from the results files")
     args = parser.parse_args()
-    figures = collect()
-    text = render(figures)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    if not args.render:
+        write_results("reliability", collect())  # the document is rendered from the file, never from memory
+    figures = load_results("reliability")
+    text = write_document()
     if args.print:
         print(text)
-    print(f"wrote {DOC.relative_to(ROOT)} in {figures['seconds'] / 60:.1f} minutes")
+    print(f"wrote {DOC.relative_to(ROOT)} from bench/results/reliability.json (run of {figures['provenance']['date']})")
     failed = (figures["fuzz"]["server_errors"] or figures["fuzz"]["envelope_errors"] or figures["hostile"]["problems"]
-              or figures["load"]["burst"].broken or not all(row["ok"] for row in figures["faults"])
+              or figures["load"]["burst"]["broken"] or not all(row["ok"] for row in figures["faults"])
               or figures["security"]["failed"])
     return 1 if failed else 0
 

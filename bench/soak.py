@@ -27,8 +27,10 @@ import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 
-from common import RESULTS, ServerProcess, machine_summary, markdown_table, median
+from common import (RESULTS, ServerProcess, describe_provenance, finish_provenance, machine_summary, markdown_table,
+                    median, provenance)
 
 import httpx
 import psutil
@@ -171,7 +173,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=12)
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=None, help="seconds; default: a fifth of the run")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for soak.json/.md/.png")
     args = parser.parse_args()
+    record = provenance()
     duration = args.minutes * 60
     warmup = args.warmup if args.warmup is not None else duration / 5
     outcomes: Counter = Counter()
@@ -208,11 +212,13 @@ def main() -> int:
                   idle_after=running, outcomes=dict(sorted(outcomes.items())))
     result["innocent_failures"] = innocent_failures(outcomes)
     result["failed"] = result["leak"] or bool(result["innocent_failures"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(samples, warmup, RESULTS / "soak.png")
-    (RESULTS / "soak.json").write_text(json.dumps({"result": result, "samples": samples}, indent=1))
-    (RESULTS / "soak.md").write_text(report(result, samples))
-    print(report(result, samples))
+    finish_provenance(record)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(samples, warmup, out / "soak.png")
+    (out / "soak.json").write_text(json.dumps({"provenance": record, "result": result, "samples": samples}, indent=1))
+    (out / "soak.md").write_text(report(result, samples, record))
+    print(report(result, samples, record))
     return 1 if result["failed"] else 0
 
 
@@ -224,7 +230,7 @@ def verdict_words(result: dict) -> str:
     return "; ".join(words)
 
 
-def report(result: dict, samples: list[dict]) -> str:
+def report(result: dict, samples: list[dict], record: dict) -> str:
     every = max(1, len(samples) // 12)
     rows = [[f"{s['t'] / 60:.1f}", s["rss_mb"], s["fds"], s["threads"], s["requests"]] for s in samples[::every]]
     if samples[-1] not in samples[::every]:
@@ -234,8 +240,7 @@ def report(result: dict, samples: list[dict]) -> str:
     return "\n".join([
         f"# Soak: {result['minutes']:g} minutes, {result['clients']} clients, {result['requests']} requests",
         "",
-        f"{result['date']} · {result['machine']} · server flags `{' '.join(SERVER_FLAGS)}` · "
-        "`python bench/soak.py` · plot: soak.png",
+        f"{describe_provenance(record)} Server flags `{' '.join(SERVER_FLAGS)}`; plot: soak.png.",
         "",
         f"**Verdict: {verdict_words(result)}.** "
         f"RSS {result['rss_after_warmup_mb']:.1f} → {result['rss_end_mb']:.1f} MiB "

@@ -3,7 +3,8 @@
 N requests of the same prompt, greedy, exactly --tokens new tokens each (EOS ignored everywhere),
 for N in --requests. Per N the runs are interleaved (engine, CB small config, CB default config) after
 one warm-up each, and the median of --runs is reported. Also checks that CB's greedy tokens equal
-`generate`'s. Numbers for docs/BATCHING.md.
+`generate`'s. Writes bench/results/transformers_cb.json (figures + provenance, quoted in docs/BATCHING.md by
+bench/readme_figures.py) and transformers_cb.md.
 
     python bench/transformers_cb.py [--requests 1,8,16] [--tokens 128] [--runs 3] [--no-default]
 """
@@ -14,7 +15,10 @@ import argparse
 import asyncio
 import time
 
-from common import RESULTS, load_tiny, machine_summary, markdown_table, median, prompt_for
+from pathlib import Path
+
+from common import (RESULTS, finish_provenance, load_tiny, machine_summary, markdown_table,
+                    median, prompt_for, provenance, write_results)
 
 # Explicit sizing for a small model on CPU (DESIGN.md: the defaults were ~5x slower here): 16-token
 # pages, enough blocks for 16 requests of prompt + 128 tokens, and small token budgets per step.
@@ -56,7 +60,7 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-default", action="store_true", help="skip CB's default config (slow on CPU)")
-    parser.add_argument("--out", default=str(RESULTS / "transformers_cb.md"))
+    parser.add_argument("--out", default=str(RESULTS), help="folder for transformers_cb.json/.md ('' = none)")
     args = parser.parse_args()
 
     import torch
@@ -68,6 +72,7 @@ async def main() -> None:
     engine = LocalEngine(model, tokenizer, loaded.info, max_num_seqs=16, max_queue=64)
     await engine.start()
     prompt = prompt_for(tokenizer)
+    record = provenance()
     print(f"{machine_summary()}; torch threads {torch.get_num_threads()}; {args.tokens} new tokens, greedy")
 
     reference = model.generate(torch.tensor([prompt.token_ids]), max_new_tokens=args.tokens,
@@ -99,13 +104,15 @@ async def main() -> None:
     print(table)
     print(f"CB greedy tokens equal generate's: {same}")
     if args.out:
-        with open(args.out, "w") as out:
-            out.write(f"# Our engine vs transformers' continuous batching\n\n`python bench/transformers_cb.py "
-                      f"--requests {args.requests} --tokens {args.tokens} --runs {args.runs}`: {machine_summary()}, "
-                      f"torch threads {torch.get_num_threads()}; tiny GLM-4, {args.tokens} new tokens per request, "
-                      f"greedy, EOS ignored; median of {args.runs} interleaved runs after a warm-up. CB small config = "
-                      f"`ContinuousBatchingConfig({', '.join(f'{k}={v}' for k, v in SMALL_CB.items())})`.\n\n"
-                      f"{table}\n\nCB greedy tokens equal `generate`'s: {same}\n")
+        finish_provenance(record)
+        setup = (f"tiny GLM-4, {args.tokens} new tokens per request, greedy, EOS ignored, torch threads "
+                 f"{torch.get_num_threads()}; median of {args.runs} interleaved runs after a warm-up. CB small config "
+                 f"= `ContinuousBatchingConfig({', '.join(f'{k}={v}' for k, v in SMALL_CB.items())})`")
+        write_results("transformers_cb", {
+            "provenance": record, "setup": setup, "tokens": args.tokens, "runs": args.runs,
+            "systems": list(systems), "rows": [{"requests": row[0], **dict(zip(systems, row[1:]))} for row in rows],
+            "cb_tokens_equal_generate": same}, Path(args.out), "Our engine vs transformers' continuous batching",
+            f"{setup}.\n\n{table}\n\nCB greedy tokens equal `generate`'s: {same}\n")
 
 
 if __name__ == "__main__":

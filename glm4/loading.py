@@ -269,15 +269,26 @@ def generation_defaults(source: str) -> dict[str, Any]:
     return defaults
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Everything app.py needs to build an engine; raises ModelLoadError / PlacementError with clear text."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class LoadPlan:
+    """What will be loaded and where, decided from the config alone (seconds, no weights): app.py makes it
+    before listening, so a missing model or an impossible placement is refused at once."""
 
-    from glm4.chat_template import renderer_for
-    from glm4.precision import guard_wanted, install_fp16_guard
-    from glm4.reasoning import resolve_reasoning
+    settings: Settings
+    source: str
+    config: Any
+    plan: Any  # placement.PlacementPlan
+    quantization: str
+    dtype: str
+    slots: Any  # placement.SlotPlan
 
+    @property
+    def max_len(self) -> int:
+        return self.slots.max_model_len
+
+
+def prepare_load(settings: Settings) -> LoadPlan:
+    """Resolve the model, read its config and plan the placement; raises ModelLoadError / PlacementError."""
     source = resolve_model_source(settings.model)
     if is_tiny(source):
         reason = "no CUDA GPU found" if settings.model == "auto" else "--model tiny"
@@ -285,9 +296,23 @@ def load_model(settings: Settings) -> LoadedModel:
                  "for the real one", reason, source)
     config = load_config(source, settings)
     plan, quantization, dtype_name, slots = plan_for(settings, config)
-    max_len = slots.max_model_len
     log.info("Placement: %s", plan.summary)
     log.info("KV %s%s", slots.describe(), "".join(f"; {note}" for note in slots.notes))
+    return LoadPlan(settings, source, config, plan, quantization, dtype_name, slots)
+
+
+def load_weights(prepared: LoadPlan) -> LoadedModel:
+    """The tokenizer and the weights as planned (the slow part: minutes for GLM-4-9B)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from glm4.chat_template import renderer_for
+    from glm4.precision import guard_wanted, install_fp16_guard
+    from glm4.reasoning import resolve_reasoning
+
+    settings, source, quantization, dtype_name = prepared.settings, prepared.source, prepared.quantization, \
+        prepared.dtype
+    config = prepared.config
     dtype = getattr(torch, dtype_name)
     started = time.perf_counter()
     try:
@@ -300,7 +325,7 @@ def load_model(settings: Settings) -> LoadedModel:
     log.info("Reasoning: %s (%s)", "on" if reasoning.enabled else "off", reasoning.reason)
     guarded = guard_wanted(settings.fp16_guard, config.model_type, dtype_name)
     models = []
-    for device_map in plan.replicas:
+    for device_map in prepared.plan.replicas:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 source, revision=settings.revision, trust_remote_code=settings.trust_remote_code,
@@ -315,16 +340,21 @@ def load_model(settings: Settings) -> LoadedModel:
     seconds = time.perf_counter() - started
     name = settings.served_model_name
     info = ModelInfo(
-        name=name, source=source, quantization=quantization, dtype=dtype_name, placement=plan.summary,
-        max_model_len=max_len, aliases=model_aliases(name, source), created=int(time.time()),
-        generation_defaults=generation_defaults(source), vocab_size=int(config.vocab_size),
+        name=name, source=source, quantization=quantization, dtype=dtype_name, placement=prepared.plan.summary,
+        max_model_len=prepared.max_len, aliases=model_aliases(name, source), created=int(time.time()),
+        generation_defaults=generation_defaults(source), vocab_size=int(prepared.config.vocab_size),
     )
     log.info("Loaded %s (%s, %s) in %.1f s", source, QUANTIZATION_LABELS[quantization], dtype_name, seconds)
-    for note in fp16_notes(settings, config, dtype_name, min(max_len, PREFILL_CHUNK_TOKENS)):
+    for note in fp16_notes(settings, config, dtype_name, min(prepared.max_len, PREFILL_CHUNK_TOKENS)):
         (log.warning if note.startswith("WARNING") else log.info)("%s", note.removeprefix("WARNING: "))
-    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=plan, slots=slots, load_seconds=seconds,
-                       generation_defaults=info.generation_defaults, renderer=renderer, reasoning=reasoning,
-                       fp16_guard=guarded)
+    return LoadedModel(models=models, tokenizer=tokenizer, info=info, plan=prepared.plan, slots=prepared.slots,
+                       load_seconds=seconds, generation_defaults=info.generation_defaults, renderer=renderer,
+                       reasoning=reasoning, fp16_guard=guarded)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Everything app.py needs to build an engine; raises ModelLoadError / PlacementError with clear text."""
+    return load_weights(prepare_load(settings))
 
 
 def model_aliases(served_name: str, source: str) -> list[str]:

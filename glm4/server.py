@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 
 from fastapi import FastAPI
@@ -24,6 +25,15 @@ from glm4.engine.base import Engine
 from glm4.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def route_path(scope) -> str:
+    """The path the app routes on: uvicorn puts --root-path in front of the path the client sent, and Starlette
+    strips it again before matching routes (the same rule as Starlette's own, which is private)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):]
+    return path
 
 
 class GuardMiddleware:
@@ -68,7 +78,7 @@ class GuardMiddleware:
             return message
 
         try:
-            if self.state.status == "draining" and scope["path"].startswith("/v1/"):
+            if self.state.status == "draining" and route_path(scope).startswith("/v1/"):
                 await refuse(APIError(503, "the server is shutting down; retry on another instance",
                                       code="unavailable", headers={"Retry-After": "5"}))
                 return
@@ -79,7 +89,7 @@ class GuardMiddleware:
             await self.app(scope, receive_limited, send_once)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or ("other" if scope["path"].startswith("/v1") else "/")
+            path = getattr(route, "path", None) or ("other" if route_path(scope).startswith("/v1") else "/")
             self.state.metrics.http_requests.labels(path, str(status["sent"] or 500)).inc()
 
     @staticmethod
@@ -127,8 +137,54 @@ def describe_request_models(app: FastAPI, settings: Settings) -> None:
     app.openapi = openapi
 
 
+class AcceptPrefixedPaths:
+    """Pure ASGI, with --root-path: serve paths that still carry the prefix as well as those a proxy stripped.
+
+    uvicorn's root_path assumes a proxy that strips the prefix (the client's /glm/v1/models arrives as
+    /v1/models) and uses the prefix only to build URLs (the OpenAPI `servers`, Gradio's asset links). A proxy
+    that passes the path on unchanged (nginx `proxy_pass http://host:8003;`), or a client talking to the
+    server directly, sends /glm/v1/models: that would be a 404. Both now reach the same routes.
+    """
+
+    def __init__(self, app, root_path: str):
+        self.app = app
+        self.root_path = root_path.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if self.root_path and scope["type"] in ("http", "websocket"):
+            route = route_path(scope)  # uvicorn put root_path in front of the path the client sent
+            if route == self.root_path or route.startswith(self.root_path + "/"):
+                cut = len(self.root_path)
+                scope = {**scope, "path": scope["path"][cut:],
+                         "raw_path": (scope.get("raw_path") or scope["path"].encode())[cut:]}
+        await self.app(scope, receive, send)
+
+
 class UnsafeSettings(ValueError):
     """Settings that would leave a way to generate open although the operator asked for auth."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_test_hooks(settings: Settings) -> None:
+    """--test-hooks lets any client inject faults and force replies: tests only, so loopback only."""
+    if settings.test_hooks and not is_loopback(settings.host):
+        raise UnsafeSettings(f"--test-hooks lets any client inject faults and force replies; it is for tests on "
+                             f"127.0.0.1 and is refused with --host {settings.host}. Drop --test-hooks (or bind "
+                             "127.0.0.1).")
+
+
+def check_safe_settings(settings: Settings) -> None:
+    """The refusals, checked before any model loads (a refusal should take a second, not minutes)."""
+    check_ui_protection(settings)
+    check_test_hooks(settings)
 
 
 def check_ui_protection(settings: Settings) -> None:
@@ -143,7 +199,7 @@ def check_ui_protection(settings: Settings) -> None:
 
 def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
     """embeddings: the loaded glm4.embeddings.EmbeddingService, or None (the routes then say none is configured)."""
-    check_ui_protection(settings)
+    check_safe_settings(settings)
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()

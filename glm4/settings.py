@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Literal, Union, get_args, get_origin
+from typing import Annotated, Literal, Union, get_args, get_origin
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 SIZE_UNITS = {"b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30}
 
@@ -70,7 +69,7 @@ class Settings(BaseSettings):
     # --- server ---
     host: str = Field("127.0.0.1", description='0.0.0.0 exposes the server: set --api-key too')
     port: int = Field(8003, ge=0, le=65535, description="the old project's port")
-    root_path: str = Field("", description='prefix when served behind a reverse proxy')
+    root_path: str = Field("", description='URL prefix the server is reached under, e.g. /glm (paths may arrive with it or stripped by a proxy)')
     api_key: CommaList = Field(default_factory=list, description='Bearer keys accepted on /v1; empty = no auth')
     cors_origins: CommaList = Field(default_factory=list, description='CORS is off unless origins are given')
     max_body_size: int = Field(8 * 2**20, description='bytes; larger request bodies get 413')
@@ -128,7 +127,7 @@ class Settings(BaseSettings):
         return parse_size(value)
 
     # --- tests ---
-    test_hooks: bool = Field(False, description='enables fault injection and forced outputs; never in production')
+    test_hooks: bool = Field(False, description='lets any client inject faults and force replies: tests only (loopback --host only)')
 
     @field_validator("api_key", "cors_origins", "upstream_url", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -11,6 +12,7 @@ import pytest
 from glm4.prompt import render_prompt
 
 HELLO = [{"role": "user", "content": "你好"}]
+STORY = [{"role": "user", "content": "Tell me a long story about a robot."}]  # the tiny model is unsure here
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -107,9 +109,22 @@ def test_stop_string_is_held_back(client):
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_n_choices(client):
-    reply = client.chat.completions.create(model="glm-4", messages=HELLO, n=3, max_tokens=6, temperature=1, seed=1)
+def test_n_choices_differ_and_follow_per_choice_seeds(client):
+    """Choice i of a request with seed s is sampled with seed s + i (glm4/api/serving.py): the n choices differ
+    under sampling, the same seed gives the same n replies, and choice i equals a lone request with seed s + i."""
+    kwargs = dict(model="glm-4", messages=STORY, max_tokens=12, temperature=1, top_p=1)
+    reply = client.chat.completions.create(n=3, seed=5, **kwargs)
     assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert len(set(texts)) > 1, texts  # sampled independently, not one reply copied n times
+    again = client.chat.completions.create(n=3, seed=5, **kwargs)
+    assert [c.message.content for c in again.choices] == texts
+    alone_tokens = 0
+    for index, text in enumerate(texts):
+        alone = client.chat.completions.create(seed=5 + index, **kwargs)
+        assert alone.choices[0].message.content == text, index
+        alone_tokens += alone.usage.completion_tokens
+    assert reply.usage.completion_tokens == alone_tokens  # usage counts every choice
     streamed = client.chat.completions.create(model="glm-4", messages=HELLO, n=2, max_tokens=6, stream=True)
     finishes = {}
     for chunk in streamed:
@@ -118,6 +133,57 @@ def test_n_choices(client):
                 assert choice.index not in finishes
                 finishes[choice.index] = choice.finish_reason
     assert sorted(finishes) == [0, 1]
+
+
+def reply_text(client, **kwargs) -> str:
+    return client.chat.completions.create(model="glm-4", **kwargs).choices[0].message.content
+
+
+def test_unset_sampling_parameters_take_the_checkpoint_generation_defaults(client, tiny):
+    assert tiny.info.generation_defaults == {"temperature": 0.8, "top_p": 0.8}  # its generation_config.json
+    differs = 0
+    for seed in range(4):
+        unset = reply_text(client, messages=STORY, max_tokens=12, seed=seed)
+        assert unset == reply_text(client, messages=STORY, max_tokens=12, seed=seed, temperature=0.8, top_p=0.8)
+        differs += unset != reply_text(client, messages=STORY, max_tokens=12, seed=seed, temperature=1.0, top_p=1.0)
+    assert differs >= 2  # 1.0 / 1.0 is another distribution: the defaults were not 1.0 / 1.0
+
+
+def test_top_k_1_samples_the_greedy_reply(client):
+    greedy = reply_text(client, messages=STORY, max_tokens=16, temperature=0)
+    for seed in range(3):
+        assert reply_text(client, messages=STORY, max_tokens=16, temperature=1, top_p=1, seed=seed,
+                          extra_body={"top_k": 1}) == greedy
+    assert any(reply_text(client, messages=STORY, max_tokens=16, temperature=1, top_p=1, seed=seed,
+                          extra_body={"top_k": 2}) != greedy for seed in range(4))
+
+
+@pytest.mark.parametrize("penalty", [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0},
+                                     {"extra_body": {"repetition_penalty": 1.5}}],
+                         ids=["presence", "frequency", "repetition"])
+def test_penalties_change_a_greedy_reply_that_repeats_itself(client, penalty):
+    """60 greedy tokens past the end of the reply (ignore_eos) repeat tokens: a penalty must steer away."""
+    kwargs = dict(messages=STORY, max_tokens=60, temperature=0)
+    plain = reply_text(client, **kwargs, extra_body={"ignore_eos": True})
+    extra = {"ignore_eos": True, **penalty.get("extra_body", {})}
+    openai_penalty = {k: v for k, v in penalty.items() if k != "extra_body"}
+    penalized = reply_text(client, **kwargs, **openai_penalty, extra_body=extra)
+    assert penalized != plain
+    neutral = {k: 0.0 for k in openai_penalty}
+    neutral_extra = {"ignore_eos": True, **({"repetition_penalty": 1.0} if "extra_body" in penalty else {})}
+    assert reply_text(client, **kwargs, **neutral, extra_body=neutral_extra) == plain  # 0 / 1.0 = off
+
+
+def test_max_completion_tokens_limits_the_reply_and_wins_over_max_tokens(client):
+    long_text = {"test_force_output": "one two three four five six seven eight nine ten eleven twelve"}
+    for limits in ({"max_completion_tokens": 4}, {"max_completion_tokens": 4, "max_tokens": 9}):
+        reply = client.chat.completions.create(model="glm-4", messages=HELLO, extra_body=long_text, **limits)
+        assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (4, "length"), limits
+    reply = client.chat.completions.create(model="glm-4", messages=HELLO, max_tokens=9, extra_body=long_text)
+    assert (reply.usage.completion_tokens, reply.choices[0].finish_reason) == (9, "length")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="glm-4", messages=HELLO, max_completion_tokens=10**6)
+    assert caught.value.code == "context_length_exceeded"
 
 
 def test_content_parts_developer_role_and_unknown_fields(server, tiny):
@@ -192,15 +258,63 @@ def test_unknown_route_is_enveloped_404(server):
     assert response.json()["error"]["type"] == "not_found_error"
 
 
-def test_health_and_metrics(server, client):
+CHAT_200 = 'route="/v1/chat/completions",status="200"'
+CHAT_400 = 'route="/v1/chat/completions",status="400"'
+
+
+def metric_or_zero(server, name: str, labels: str = "") -> float:
+    """A sample that does not exist yet (a label combination never seen) counts as 0."""
+    try:
+        return server.metric(name, labels)
+    except KeyError:
+        return 0.0
+
+
+def wait_for_metric(server, name: str, labels: str, expected: float, timeout: float = 10.0) -> None:
+    """The HTTP counter is bumped once the response has gone out, so it may trail the client by a moment."""
+    deadline = time.monotonic() + timeout
+    while metric_or_zero(server, name, labels) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert metric_or_zero(server, name, labels) == expected, name
+
+
+def test_health_and_metrics_count_what_happened(server, client):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
-    client.chat.completions.create(model="glm-4", messages=HELLO, max_tokens=3)
-    text = httpx.get(server.url + "/metrics").text
-    for name in ("glm4_http_requests_total", "glm4_prompt_tokens_total", "glm4_generation_tokens_total",
-                 "glm4_time_to_first_token_seconds_bucket", "glm4_time_per_output_token_seconds_bucket",
-                 "glm4_requests_running", "glm4_requests_waiting"):
-        assert name in text, name
-    assert server.metric("glm4_http_requests_total", 'route="/v1/chat/completions",status="200"') >= 1
+    wait_for_metric(server, "glm4_requests_running", "", 0)  # idle before (the server is shared by the session)
+    names = ("glm4_prompt_tokens_total", "glm4_generation_tokens_total", "glm4_time_to_first_token_seconds_count",
+             "glm4_time_per_output_token_seconds_count", "glm4_engine_requests_submitted_total")
+    before = {name: metric_or_zero(server, name) for name in names}
+    before_200, before_400 = metric_or_zero(server, "glm4_http_requests_total", CHAT_200), \
+        metric_or_zero(server, "glm4_http_requests_total", CHAT_400)
+    before_length = metric_or_zero(server, "glm4_requests_finished_total", 'reason="length"')
+    reply = client.chat.completions.create(model="glm-4", messages=HELLO, max_tokens=5, temperature=0,
+                                           extra_body={"test_force_output": "one two three four five six"})
+    assert reply.usage.completion_tokens == 5 and reply.choices[0].finish_reason == "length"
+    wait_for_metric(server, "glm4_http_requests_total", CHAT_200, before_200 + 1)
+    after = {name: metric_or_zero(server, name) for name in names}
+    assert after["glm4_prompt_tokens_total"] - before["glm4_prompt_tokens_total"] == reply.usage.prompt_tokens
+    assert after["glm4_generation_tokens_total"] - before["glm4_generation_tokens_total"] == 5
+    assert after["glm4_time_to_first_token_seconds_count"] - before["glm4_time_to_first_token_seconds_count"] == 1
+    assert after["glm4_time_per_output_token_seconds_count"] - before["glm4_time_per_output_token_seconds_count"] == 1
+    assert after["glm4_engine_requests_submitted_total"] - before["glm4_engine_requests_submitted_total"] == 1
+    assert metric_or_zero(server, "glm4_requests_finished_total", 'reason="length"') == before_length + 1
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="glm-4", messages=HELLO, temperature=3)
+    wait_for_metric(server, "glm4_http_requests_total", CHAT_400, before_400 + 1)
+    assert metric_or_zero(server, "glm4_engine_requests_submitted_total") == \
+        after["glm4_engine_requests_submitted_total"]  # refused before the engine
+
+    # The gauges follow a request that is running, and come back to 0 when it is gone.
+    before_cancelled = metric_or_zero(server, "glm4_requests_cancelled_total")
+    body = {"messages": HELLO, "stream": True, "max_tokens": 4000, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", server.base_url + "/chat/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()  # kept: a discarded iterator can leave httpx's socket open after the block
+        next(lines)
+        assert server.metric("glm4_requests_running") == 1 and server.metric("glm4_batch_size") == 1
+        assert server.metric("glm4_requests_waiting") == 0
+    for gauge in ("glm4_requests_running", "glm4_batch_size", "glm4_requests_waiting"):
+        wait_for_metric(server, gauge, "", 0)
+    wait_for_metric(server, "glm4_requests_cancelled_total", "", before_cancelled + 1)
 
 
 def test_api_key_auth(start_server):
@@ -269,3 +383,21 @@ def test_test_hooks_are_refused_without_the_flag(start_server):
     response = httpx.post(live.base_url + "/chat/completions",
                           json={"messages": HELLO, "test_force_output": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "test_force_output"
+
+
+def test_root_path_serves_the_prefix_with_or_without_a_stripping_proxy(start_server):
+    """--root-path /glm. uvicorn alone expects a proxy that strips the prefix (/glm/v1/models arrives as
+    /v1/models); the server also answers paths that still carry it (a proxy that passes the path on, or no
+    proxy), so the SDK works at .../glm/v1 either way. URLs the server generates carry the prefix."""
+    live = start_server("--root-path", "/glm")  # with the UI, whose asset URLs must carry the prefix too
+    for base_url in (live.url + "/glm/v1", live.base_url):  # as sent by the client / as a stripping proxy forwards
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0) as sdk:
+            assert sdk.models.list().data[0].id == "glm-4"
+            reply = sdk.chat.completions.create(model="glm-4", messages=HELLO, max_tokens=3, temperature=0)
+            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in sdk.chat.completions.create(
+                model="glm-4", messages=HELLO, max_tokens=3, temperature=0, stream=True) if chunk.choices)
+            assert streamed == reply.choices[0].message.content
+    assert httpx.get(live.url + "/glm/health").json() == {"status": "ok"}
+    assert httpx.get(live.url + "/glm/openapi.json").json()["servers"] == [{"url": "/glm"}]
+    assert httpx.get(live.url + "/glm/").status_code == 200
+    assert httpx.get(live.url + "/glm/config").json()["root"].endswith("/glm")

@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+from transformers import AutoConfig
+
+from glm4.placement import estimate_sizes
+from glm4.tiny import TINY_MODEL_DIR
 from tests.conftest import ROOT
 
 
@@ -22,3 +26,12 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
     assert report["split_check"]["identical"] is True
     header = next(line for line in result.stdout.splitlines() if line.startswith("mode"))
     assert "engine/raw" in header and "8-stream agg tok/s" in header  # the same table shape as on a GPU
+    # The sizes the placement plan assumes, measured on the tiny model (on a GPU: GLM-4-9B-shaped, 4 layers).
+    sizes = report["sizes"]
+    assert (sizes["model"], sizes["device"], sizes["dtype"]) == ("tiny", "cpu", "float32")
+    config = AutoConfig.from_pretrained(TINY_MODEL_DIR)
+    for quantization in ("none", "4bit", "8bit"):
+        measured, planned = sizes["modes"][quantization], estimate_sizes(config, quantization, "float32")
+        assert abs(measured["weight_bytes"] / planned.weight_bytes - 1) < 0.001, quantization
+        assert measured["kv_bytes_per_token"] == planned.kv_bytes_per_token
+        assert measured["prefill_peak_mib"] is None  # no allocator statistics on CPU

@@ -1,4 +1,5 @@
 """Memory plans for GLM-4-9B on simulated GPUs (no weights, no CUDA), checked against measured sizes."""
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -141,22 +142,42 @@ def test_sizes_match_measured_glm4_9b(config):
     assert estimate_sizes(config, "none", "float32").weight_bytes == 2 * bf16.weight_bytes
 
 
-# torch.cuda.memory_allocated() after from_pretrained of GLM-4-9B-shaped random weights cut to 4 layers, bf16,
-# on an H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2, nf4 with double quantization).
+# Measured by hand on a lent H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2) when the plan was written
+# (commit 8b9a826, 2026-11-26), before any script measured sizes: no results file holds them. bench/gpu_check.py
+# now measures the same quantities (measure_sizes → "sizes" in bench/results/gpu_check-<card>.json); every such
+# file committed from a GPU run is checked below too.
+# Weights: torch.cuda.memory_allocated() after from_pretrained of GLM-4-9B-shaped random weights cut to 4 layers,
+# bf16 (nf4 with double quantization).
 MEASURED_4_LAYERS = {"none": 4114723840, "4bit": 2904559616, "8bit": 3300623360}
 # Peak memory over the weights during one forward pass of N tokens (logits_to_keep=1), KV cache included.
 MEASURED_PREFILL_MIB = {"none": {512: 105.3, 2048: 288.5, 8192: 1146.1},
                         "4bit": {512: 272.3, 2048: 406.9, 8192: 1146.1},
                         "8bit": {512: 459.9, 2048: 794.7, 8192: 2034.2}}
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 
 
+def gpu_size_measurements() -> list:
+    """(where from, weight bytes per quantization, prefill peak MiB per quantization and token count)."""
+    found = [pytest.param(MEASURED_4_LAYERS, MEASURED_PREFILL_MIB, id="by-hand-8b9a826")]
+    for path in sorted(RESULTS.glob("gpu_check-*.json")):
+        sizes = json.loads(path.read_text()).get("sizes")
+        if not sizes or not sizes["device"].startswith("cuda"):
+            continue
+        assert (sizes["num_hidden_layers"], sizes["dtype"]) == (4, "bfloat16"), path
+        weights = {q: mode["weight_bytes"] for q, mode in sizes["modes"].items()}
+        peaks = {q: {int(n): mib for n, mib in mode["prefill_peak_mib"].items()} for q, mode in sizes["modes"].items()}
+        found.append(pytest.param(weights, peaks, id=path.stem))
+    return found
+
+
+@pytest.mark.parametrize("weights, peaks", gpu_size_measurements())
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
-def test_sizes_match_memory_allocated_on_a_gpu(quantization):
+def test_sizes_match_memory_allocated_on_a_gpu(quantization, weights, peaks):
     config = AutoConfig.from_pretrained(REAL_CONFIG)
     config.num_hidden_layers = 4
     sizes = estimate_sizes(config, quantization, "bfloat16")
-    assert abs(sizes.weight_bytes / MEASURED_4_LAYERS[quantization] - 1) < 0.001
-    for tokens, peak_mib in MEASURED_PREFILL_MIB[quantization].items():
+    assert abs(sizes.weight_bytes / weights[quantization] - 1) < 0.001
+    for tokens, peak_mib in peaks[quantization].items():
         planned = (sizes.activation_bytes(tokens) + tokens * sizes.kv_bytes_per_token) / MIB
         assert peak_mib - 64 <= planned <= 1.3 * peak_mib, tokens  # never short by more than 64 MiB
 
@@ -177,7 +198,7 @@ def test_sizes_equal_accelerates_count_of_the_real_model():
 
 @pytest.mark.parametrize("shape", [(512, 256), (4096, 256), (1000, 77)])
 def test_quantized_linear_bytes_equal_bitsandbytes_storage(shape):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a pinned runtime requirement: missing is a failure, never a skip
     linear = nn.Linear(*shape, bias=False)
     weight = bnb.nn.Params4bit(linear.weight.data.half(), requires_grad=False, compress_statistics=True,
                                quant_type="nf4").to("cpu")

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from glm4 import ui
-from glm4.engine.base import EngineOverloaded, ModelInfo, SamplingParams
+from glm4.engine.base import ModelInfo, SamplingParams
 from glm4.prompt import build_prompt
 from glm4.server import create_app
 from glm4.settings import Settings
@@ -217,31 +217,51 @@ async def test_respond_says_when_the_message_does_not_fit(engine):
     assert engine.stats().get("submitted", 0) == 0
 
 
-class BusyEngine:
-    """A fault the real engine cannot be made to produce on demand: a full queue, or a full batch."""
+@pytest.fixture
+async def one_slot(tiny):
+    """A real engine with one batch slot and one queue place, as `--max-num-seqs 1 --max-queue 1` builds it."""
+    from glm4.engine.local import LocalEngine
 
-    def __init__(self, engine, *, overloaded: bool):
-        self.engine, self.overloaded = engine, overloaded
-        self.info, self.tokenizer = engine.info, engine.tokenizer
-
-    def submit(self, prompt, params, request_id):
-        if self.overloaded:
-            raise EngineOverloaded()
-        return self.engine.submit(prompt, params, request_id)
-
-    def stats(self):
-        return {"running": 8, "max_num_seqs": 8, "waiting": 3}
+    local = LocalEngine(tiny.models[0], tiny.tokenizer, tiny.info, max_num_seqs=1, max_queue=1)
+    await local.start()
+    yield local
+    await local.shutdown()
 
 
-async def test_respond_says_busy_when_the_engine_queue_is_full(engine):
-    yields = await collect(ui.ChatSession(BusyEngine(engine, overloaded=True)).respond("hi", [], "", 0.8, 0.8, 64))
+def occupy(engine, request_id: str):
+    """A request that cannot finish during the test (4000 tokens past its stop token); its stream."""
+    prompt = build_prompt(engine.tokenizer, [{"role": "user", "content": "讲一个很长的故事"}])
+    return engine.submit(prompt, SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True), request_id)
+
+
+async def test_respond_says_busy_when_the_engine_queue_is_full(one_slot):
+    running = occupy(one_slot, "running")
+    await anext(running)  # decoding: the one slot is taken
+    queued = occupy(one_slot, "queued")  # the one queue place is taken
+    assert (one_slot.stats()["running"], one_slot.stats()["waiting"]) == (1, 1)
+    yields = await collect(ui.ChatSession(one_slot).respond("hi", [], "", 0.8, 0.8, 64))
     assert yields == [[ui.notice(ui.BUSY_TITLE)]]
+    assert one_slot.stats()["rejected"] == 1
+    for stream in (queued, running):
+        await stream.aclose()  # cancels
 
 
-async def test_respond_shows_waiting_until_the_first_token(engine):
-    yields = await collect(ui.ChatSession(BusyEngine(engine, overloaded=False)).respond("hi", [], "", 0, 1, 8))
-    assert titles(yields[0]) == ["⏳ Waiting for a free slot: 2 request(s) ahead of yours"]
-    assert not titles(yields[-1]) and replies(yields[-1])
+async def test_respond_shows_waiting_until_the_first_token(one_slot):
+    running = occupy(one_slot, "running")
+    await anext(running)
+    generator = ui.ChatSession(one_slot).respond("hi", [], "", 0, 1, 8)
+    first = list(await anext(generator))
+    assert titles(first) == ["⏳ Waiting for a free slot: 0 request(s) ahead of yours"] and not replies(first)
+    assert one_slot.stats()["waiting"] == 1
+    await running.aclose()  # the slot frees: the waiting reply gets it and streams
+    rest = [list(item) async for item in generator]
+    assert not titles(rest[-1]) and replies(rest[-1])
+    assert one_slot.stats()["finished_cancelled"] == 1 and one_slot.stats()["running"] == 0
+
+
+async def test_respond_shows_no_waiting_notice_when_a_slot_is_free(one_slot):
+    yields = await collect(ui.ChatSession(one_slot).respond("hi", [], "", 0, 1, 8))
+    assert all(not titles(item) for item in yields) and replies(yields[-1])
 
 
 # ---- the mount ----
