@@ -1,12 +1,16 @@
-"""The GPU path, measured: load in 4-bit and 16-bit through the project's loader, engine vs raw generate.
+"""The GPU path, measured: nf4 and 16-bit through the project's loader, the engine against raw generate.
 
     python bench/gpu_check.py                 # CUDA: builds a GLM-4-9B-shaped random checkpoint (or --model DIR)
-    python bench/gpu_check.py --compile       # also the compiled decode path (sm_75+ with Triton)
+    python bench/gpu_check.py --compile       # torch.compile inside the captured CUDA graphs (sm_75+ with Triton)
+    python bench/gpu_check.py --enforce-eager # the same slot-cache path without CUDA graphs
     python bench/gpu_check.py --tiny          # the same code path on CPU with the embedded tiny model (CI)
 
-Random weights cost the same compute as real ones. Prints a table and writes JSON
-(bench/results/gpu_check-<card>.json). Every figure is measured in this one run, raw and engine
-interleaved, so the ratios are fair on a noisy machine.
+Per mode, in one run: raw `model.generate` (eager, batch 1) and the engine single stream interleaved (ABBA),
+then the engine with 8 and 32 concurrent streams, TTFT, the CUDA graph capture time, peak GPU memory, and a
+prefix-cache check (an 8k-token prompt cold, continued in its warm slot, restored from the host cache).
+Random weights cost the same compute as real ones. Writes the full report (bench/results/gpu_check-<card>.json)
+and bench/results/gpu_summary.json (device, measured_at, versions, and per mode raw_generate_tok_s,
+engine_1/8/32_tok_s, ttft_s, gpu_memory_gib, capture_s), which README's performance section quotes.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from glm4.engine.base import ModelInfo, Prompt, SamplingParams  # noqa: E402
+from bench.common import finish_provenance, provenance  # noqa: E402
 from glm4.engine.local import LocalEngine  # noqa: E402
 from glm4.loading import BUNDLED_CONFIGS, REAL_MODEL_ID, load_model  # noqa: E402
 from glm4.settings import Settings  # noqa: E402
@@ -125,9 +130,15 @@ async def time_to_first_token(engine: LocalEngine, prompt_ids: list[int], repeat
     return statistics.median(times)
 
 
+MODE_KEYS = {"4bit": "nf4", "none": "bf16"}  # gpu_summary.json's names (16-bit is fp16 on cards without bf16)
+
+
 async def measure_mode(source: str, quantization: str, args) -> dict:
-    settings = Settings(model=source, quantization=quantization, max_model_len=args.prompt_tokens + args.new_tokens + 64,
-                        max_num_seqs=args.streams, compile=False)
+    """One quantization: raw generate (batch 1) against the engine at 1, 8 and 32 streams, TTFT, the CUDA graph
+    capture time and GPU memory, all in this run, raw and engine interleaved (ABBA)."""
+    widest = max(args.stream_counts)
+    slot = args.prompt_tokens + args.new_tokens + 64
+    settings = Settings(model=source, quantization=quantization, max_model_len=slot, max_num_seqs=widest)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -137,9 +148,9 @@ async def measure_mode(source: str, quantization: str, args) -> dict:
     sync()
     load_seconds = time.perf_counter() - started
     model = loaded.models[0]
-    memory = memory_by_device()
-    engine = LocalEngine(model, loaded.tokenizer, loaded.info, max_num_seqs=args.streams)
-    await engine.start()
+    engine = LocalEngine(model, loaded.tokenizer, loaded.info, slot_capacities=[slot] * widest,
+                         compile=args.compile, cuda_graphs=not args.enforce_eager, prefix_caching=False)
+    await engine.start()  # captures the CUDA graphs of every (batch, attended length) bucket
     prompt_ids = make_prompt(loaded.tokenizer, args.prompt_tokens)
     raw_generate(model, prompt_ids, 4)  # warm-up both paths
     await engine_streams(engine, prompt_ids, 4, 1)
@@ -151,40 +162,72 @@ async def measure_mode(source: str, quantization: str, args) -> dict:
         else:
             singles.append(await engine_streams(engine, prompt_ids, args.new_tokens, 1))
             raws.append(raw_generate(model, prompt_ids, args.new_tokens))
-    batched = await engine_streams(engine, prompt_ids, args.new_tokens, args.streams)
+    streams = {n: await engine_streams(engine, prompt_ids, args.new_tokens, n) for n in args.stream_counts if n > 1}
     ttft = await time_to_first_token(engine, prompt_ids, 3)
+    memory = memory_by_device()
+    peak = round(torch.cuda.max_memory_allocated() / GIB, 2) if torch.cuda.is_available() else None
     await engine.shutdown()
     raw = statistics.median(raws)
     single = statistics.median(s["aggregate_tok_s"] for s in singles)
     result = {
         "quantization": quantization, "dtype": loaded.info.dtype, "load_seconds": round(load_seconds, 1),
-        "memory_gib": memory, "placement": loaded.info.placement,
-        "raw_generate_tok_s": round(raw, 1), "engine_tok_s": round(single, 1),
-        "engine_over_raw": round(single / raw, 3),
-        "ttft_s": round(ttft, 3),
-        f"engine_{args.streams}_streams_aggregate_tok_s": round(batched["aggregate_tok_s"], 1),
-        f"engine_{args.streams}_streams_per_stream_tok_s": round(batched["per_stream_tok_s"], 1),
+        "memory_gib": memory, "gpu_memory_gib": peak, "placement": loaded.info.placement,
+        "cuda_graphs": engine.runner.use_graphs, "compiled": engine.compiled,
+        "graph_shapes": len([s for s in engine.runner.steps.values() if s.graph is not None]),
+        "capture_s": round(engine.capture_seconds, 1),
+        "raw_generate_tok_s": round(raw, 1), "engine_1_tok_s": round(single, 1),
+        "engine_over_raw": round(single / raw, 3), "ttft_s": round(ttft, 3),
     }
-    if args.compile and quantization == "none" and torch.cuda.is_available():
-        try:
-            result.update(await measure_compiled(model, loaded, prompt_ids, args))
-        except Exception as error:  # report the failure with the other figures instead of losing them
-            result.update(compiled=False, compile_error=f"{type(error).__name__}: {str(error)[:300]}")
+    for n, measured in streams.items():
+        result[f"engine_{n}_tok_s"] = round(measured["aggregate_tok_s"], 1)
+        result[f"engine_{n}_per_stream_tok_s"] = round(measured["per_stream_tok_s"], 1)
+    if not args.skip_prefix_check:
+        result["prefix_cache"] = await prefix_restore_vs_prefill(model, loaded, args)
     del engine, model, loaded
     return result
 
 
-async def measure_compiled(model, loaded, prompt_ids, args) -> dict:
-    """The --compile path on the same weights: warm-up (compilation) timed separately."""
-    engine = LocalEngine(model, loaded.tokenizer, loaded.info, max_num_seqs=args.streams, compile=True)
+async def prefix_restore_vs_prefill(model, loaded, args) -> dict:
+    """TTFT of a long prompt prefilled from token 0, continued in its warm slot, and restored from the host
+    cache after another prompt took the only slot (issue 20's scenarios on the device)."""
+    length = args.prefix_tokens
+    engine = LocalEngine(model, loaded.tokenizer, loaded.info, slot_capacities=[length + 64],
+                         cuda_graphs=not args.enforce_eager, cache_ram_bytes=4 * GIB)
     await engine.start()
-    started = time.perf_counter()
-    await engine_streams(engine, prompt_ids, args.new_tokens, 1)
-    warmup = time.perf_counter() - started
-    single = await engine_streams(engine, prompt_ids, args.new_tokens, 1)
+    prompt = make_prompt(loaded.tokenizer, length)
+    other = [prompt[0]] + [prompt[3]] * (length - 2) + [prompt[-1]]  # shares nothing past the first token
+    follow_up = prompt[:-1] + prompt[-40:]  # the same history, a new question
+    cold = (await engine_streams(engine, prompt, 1, 1))["seconds"]
+    warm = (await engine_streams(engine, follow_up, 1, 1))["seconds"]
+    await engine_streams(engine, other, 1, 1)  # evicts the first prompt's KV to the host cache
+    restored = (await engine_streams(engine, follow_up + prompt[-20:], 1, 1))["seconds"]
+    stats = engine.stats()
     await engine.shutdown()
-    return {"compiled": engine.compiled, "compile_warmup_s": round(warmup, 1),
-            "compiled_engine_tok_s": round(single["aggregate_tok_s"], 1)}
+    return {"prompt_tokens": length, "cold_ttft_s": round(cold, 4), "warm_slot_ttft_s": round(warm, 4),
+            "host_restore_ttft_s": round(restored, 4), "host_cache_hits": stats["host_cache_hits"],
+            "restore_over_cold": round(restored / cold, 3)}
+
+
+def summary(report: dict) -> dict:
+    """gpu_summary.json: the figures issue 14 asks for, one run."""
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out = {"device": report["card"], "measured_at": report["provenance"]["date"][:10],
+           "torch": torch.__version__, "transformers": version("transformers"),
+           "bitsandbytes": version("bitsandbytes"), "provenance": report["provenance"]}
+    for mode in report["modes"]:
+        key = MODE_KEYS.get(mode["quantization"], mode["quantization"])
+        out[key] = {name: mode.get(name) for name in (
+            "raw_generate_tok_s", "engine_1_tok_s", "engine_8_tok_s", "engine_32_tok_s", "ttft_s",
+            "gpu_memory_gib", "capture_s", "dtype", "engine_over_raw", "cuda_graphs", "graph_shapes")}
+        out[key]["prefix_cache"] = mode.get("prefix_cache")
+    return out
 
 
 async def split_matches_unsplit(args) -> dict:
@@ -298,21 +341,19 @@ def measure_sizes(args) -> dict:
 
 
 def print_table(report: dict) -> None:
-    modes = report["modes"]
-    streams = report["settings"]["streams"]
-    header = ["mode", "load s", "memory GiB", "raw tok/s", "engine tok/s", "engine/raw", "TTFT s",
-              f"{streams}-stream agg tok/s", "placement"]
-    rows = [[f"{m['quantization']} {m['dtype']}", m["load_seconds"], " ".join(f"{k}={v}" for k, v in m["memory_gib"].items()),
-             m["raw_generate_tok_s"], m["engine_tok_s"], m["engine_over_raw"], m["ttft_s"],
-             m[f"engine_{streams}_streams_aggregate_tok_s"], m["placement"]] for m in modes]
+    counts = [n for n in report["settings"]["stream_counts"] if n > 1]
+    header = ["mode", "load s", "GPU GiB", "raw tok/s", "engine 1 tok/s", "engine/raw", "TTFT s",
+              *[f"{n} streams tok/s" for n in counts], "graphs", "capture s"]
+    rows = [[f"{m['quantization']} {m['dtype']}", m["load_seconds"], m["gpu_memory_gib"], m["raw_generate_tok_s"],
+             m["engine_1_tok_s"], m["engine_over_raw"], m["ttft_s"], *[m.get(f"engine_{n}_tok_s") for n in counts],
+             m["graph_shapes"], m["capture_s"]] for m in report["modes"]]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     print(f"\n{report['card']} · prompt {report['settings']['prompt_tokens']} · new {report['settings']['new_tokens']}")
     for row in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
-    for m in modes:
-        if "compiled_engine_tok_s" in m:
-            print(f"compiled ({m['dtype']}): {m['compiled_engine_tok_s']} tok/s single stream "
-                  f"(eager {m['engine_tok_s']}), warm-up {m['compile_warmup_s']} s, active={m['compiled']}")
+    for m in report["modes"]:
+        if m.get("prefix_cache"):
+            print(f"prefix cache ({m['quantization']}): {json.dumps(m['prefix_cache'])}")
     split = report.get("split_check")
     if split:
         print(f"split across {split['devices']} ({split['dtype']}): greedy tokens identical = {split['identical']}")
@@ -330,8 +371,9 @@ async def main_async(args) -> dict:
         source = str(build_random_checkpoint(Path(args.workdir) / "glm-4-9b-random"))
     build_seconds = time.perf_counter() - started
     report = {"card": card_name(), "torch": torch.__version__, "model": "tiny" if args.tiny else source,
+              "provenance": provenance(),
               "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                           "streams": args.streams, "repeats": args.repeats},
+                           "stream_counts": args.stream_counts, "repeats": args.repeats},
               "checkpoint_build_seconds": round(build_seconds, 1), "modes": []}
     for quantization in args.modes.split(","):
         report["modes"].append(await measure_mode(source, quantization, args))
@@ -341,6 +383,7 @@ async def main_async(args) -> dict:
         report["split_check"] = await split_matches_unsplit(args)
     report["sizes"] = measure_sizes(args)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
+    finish_provenance(report["provenance"])
     return report
 
 
@@ -348,11 +391,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU, embedded tiny model (what CI runs)")
     parser.add_argument("--model", help="a checkpoint dir instead of building a random GLM-4-9B-shaped one")
-    parser.add_argument("--compile", action="store_true", help="also measure the compiled decode path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the captured decode steps (Triton)")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (to measure what they give)")
     parser.add_argument("--modes", default="4bit,none", help="quantizations to measure (none = 16-bit on GPU)")
     parser.add_argument("--prompt-tokens", type=int, default=None)
     parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--streams", default="1,8,32", help="concurrent streams to measure the engine at")
+    parser.add_argument("--prefix-tokens", type=int, default=None, help="prompt of the prefix-cache check")
+    parser.add_argument("--skip-prefix-check", action="store_true")
+    parser.add_argument("--summary-out", help="gpu_summary.json path (default: bench/results/ on a GPU, beside "
+                        "--out otherwise)")
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--skip-split-check", action="store_true", help="skip the split-vs-unsplit greedy check")
@@ -363,14 +411,20 @@ def main() -> int:
     args.prompt_tokens = args.prompt_tokens or (64 if args.tiny else 512)
     args.new_tokens = args.new_tokens or (32 if args.tiny else 128)
     args.size_tokens = args.size_tokens or ("64,256" if args.tiny else "512,2048,8192")
+    args.stream_counts = [int(n) for n in args.streams.split(",")]
+    args.prefix_tokens = args.prefix_tokens or (512 if args.tiny else 8192)
     slug = "".join(c if c.isalnum() else "-" for c in card_name()).strip("-").lower()
     out = args.out_path = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu_check-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(main_async(args))
     print_table(report)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {out}")
-    ok = report.get("split_check", {}).get("identical", True) and all(m["engine_tok_s"] > 0 for m in report["modes"])
+    summary_path = Path(args.summary_out) if args.summary_out else (
+        ROOT / "bench" / "results" / "gpu_summary.json" if torch.cuda.is_available() and not args.out
+        else out.parent / f"gpu_summary-{slug}.json")
+    summary_path.write_text(json.dumps(summary(report), indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {out} and {summary_path}")
+    ok = report.get("split_check", {}).get("identical", True) and all(m["engine_1_tok_s"] > 0 for m in report["modes"])
     return 0 if ok else 1
 
 

@@ -21,11 +21,18 @@ def test_gpu_check_tiny_runs_and_reports(tmp_path):
     report = json.loads(out.read_text())
     assert [m["quantization"] for m in report["modes"]] == ["4bit", "none"]
     for mode in report["modes"]:
-        assert mode["raw_generate_tok_s"] > 0 and mode["engine_tok_s"] > 0 and mode["ttft_s"] > 0
-        assert mode["engine_8_streams_aggregate_tok_s"] > 0
+        assert mode["raw_generate_tok_s"] > 0 and mode["engine_1_tok_s"] > 0 and mode["ttft_s"] > 0
+        assert mode["engine_8_tok_s"] > 0 and mode["engine_32_tok_s"] > 0
+        prefix = mode["prefix_cache"]
+        assert prefix["host_cache_hits"] == 1 and prefix["warm_slot_ttft_s"] < prefix["cold_ttft_s"]
     assert report["split_check"]["identical"] is True
     header = next(line for line in result.stdout.splitlines() if line.startswith("mode"))
-    assert "engine/raw" in header and "8-stream agg tok/s" in header  # the same table shape as on a GPU
+    assert "engine/raw" in header and "32 streams tok/s" in header  # the same table shape as on a GPU
+    summary = json.loads(next(tmp_path.glob("gpu_summary-*.json")).read_text())
+    assert {"device", "measured_at", "torch", "transformers", "bitsandbytes", "nf4", "bf16"} <= set(summary)
+    for mode in ("nf4", "bf16"):
+        assert {"raw_generate_tok_s", "engine_1_tok_s", "engine_8_tok_s", "engine_32_tok_s", "ttft_s",
+                "gpu_memory_gib", "capture_s"} <= set(summary[mode])
     # The sizes the placement plan assumes, measured on the tiny model (on a GPU: GLM-4-9B-shaped, 4 layers).
     sizes = report["sizes"]
     assert (sizes["model"], sizes["device"], sizes["dtype"]) == ("tiny", "cpu", "float32")
