@@ -70,14 +70,27 @@ def neutralize_special_tokens(text: str) -> str:
 
 
 def neutralize_tools(tools: Any) -> Any:
-    """A copy of tool specs with every string neutralized: a description is client text like any other."""
-    if isinstance(tools, str):
-        return neutralize_special_tokens(tools)
-    if isinstance(tools, dict):
-        return {neutralize_special_tokens(k) if isinstance(k, str) else k: neutralize_tools(v) for k, v in tools.items()}
-    if isinstance(tools, list):
-        return [neutralize_tools(item) for item in tools]
-    return tools
+    """A copy of tool specs with every string neutralized: a description is client text like any other.
+    Iterative, so a schema nested thousands deep is copied without exhausting the stack."""
+    def copy_of(value: Any) -> Any:
+        if isinstance(value, str):
+            return neutralize_special_tokens(value)
+        return {} if isinstance(value, dict) else [] if isinstance(value, list) else value
+
+    root = copy_of(tools)
+    pending = [(tools, root)] if isinstance(tools, (dict, list)) else []
+    while pending:
+        source, target = pending.pop()
+        items = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, value in items:
+            copied = copy_of(value)
+            if isinstance(target, dict):
+                target[neutralize_special_tokens(key) if isinstance(key, str) else key] = copied
+            else:
+                target.append(copied)
+            if isinstance(value, (dict, list)):
+                pending.append((value, copied))
+    return root
 
 
 def function_specs(tools: Iterable[dict[str, Any]] | None) -> list[dict[str, Any]]:
