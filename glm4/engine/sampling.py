@@ -39,6 +39,13 @@ def apply_penalties(row: torch.Tensor, params: SamplingParams, prompt_ids: torch
     return row
 
 
+def plain_greedy(state) -> bool:
+    """Greedy, and nothing to mask, penalize or report: argmax of the raw logits is the answer."""
+    params = state.params
+    return params.greedy and params.logprobs is None and not has_penalties(params) \
+        and state.allowed_next_tokens() is None
+
+
 def has_penalties(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
@@ -89,6 +96,10 @@ def sample_step(logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None =
     """logits: [B, vocab] fp32 for the last position; rows: the request states (same order), each with
     `.params`, `.allowed_next_tokens()`, `.prompt_tensor`, `.output_tensor()`, `.uniform()`.
     bitmask [B, W] int32 with masked[i] True where row i's grammar constrains this step."""
+    if not (masked and any(masked)) and all(plain_greedy(state) for state in rows):  # the common case: argmax
+        finite = torch.isfinite(logits).all(dim=-1)
+        chosen = logits.argmax(dim=-1)
+        return Sampled(torch.where(finite, chosen, torch.full_like(chosen, -1)).tolist(), [None] * len(rows))
     wants = [i for i, state in enumerate(rows) if state.params.logprobs is not None]
     if wants:
         index = torch.tensor(wants, device=logits.device)
