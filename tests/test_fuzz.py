@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import requests
+# schemathesis imports its 4xx-body parsers lazily, in the middle of a Hypothesis run; on CPython 3.11.7 that
+# (pytest-rewritten) import died with "SystemError: AST constructor recursion depth mismatch" in CI. Importing
+# them here, at collection, keeps the parse out of the test run.
+import schemathesis.core.error_feedback.parsers  # noqa: F401
 
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 MAX_TOKENS_CAP = 4  # completion tokens per generated request: the tiny model answers in ~20 ms
