@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, markdown_table, percentile
+from common import RESULTS, ROOT, finish_provenance, markdown_table, percentile, provenance
 
 import numpy as np
 import torch
@@ -666,7 +666,7 @@ def main() -> None:
     tiny = AutoTokenizer.from_pretrained(ROOT / "assets" / "tiny-glm4")
     tokenizers["tiny GLM-4 (3,010 logits)"] = (tiny, len(tiny))
 
-    results: dict = {"machine": machine(), "versions": versions(), "command": " ".join([sys.executable] + sys.argv),
+    results: dict = {"provenance": provenance(), "machine": machine(), "versions": versions(), "command": " ".join([sys.executable] + sys.argv),
                      "quick": args.quick, "load_average_start": load_start, "by_tokenizer": {}}
     for label, (tokenizer, vocab) in tokenizers.items():
         print(f"== {label}", flush=True)
@@ -693,6 +693,7 @@ def main() -> None:
     results["features"] = feature_table([LLGuidance(tiny, len(tiny)), XGrammar(tiny, len(tiny))], tiny)
     results["special_token_in_grammar"] = special_token_support(tiny, len(tiny))
     results["load_average_end"] = os.getloadavg()[0]
+    finish_provenance(results["provenance"])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 
-from common import RESULTS, markdown_table  # noqa: F401  (puts the repository root on sys.path)
+from common import RESULTS, finish_provenance, markdown_table, provenance  # noqa: F401  (and the root on sys.path)
 
 import torch
 
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     tokens, runs = (16, 1) if args.quick else (128, 7)
     torch.set_num_threads(1)  # the engine's CPU setting (DESIGN.md)
+    record = provenance()
 
     rows, results = [], {"modes": {}, "tokens": tokens, "runs": runs, "guard_row_target": ROW_TARGET}
     reference, tokenizer = build("float32")
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "gain; on a 2080 Ti the guard keeps every matmul in fp16.",
     ]
     RESULTS.mkdir(parents=True, exist_ok=True)
+    results["provenance"] = finish_provenance(record)
     (RESULTS / "fp16_overflow.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "fp16_overflow.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from common import finish_provenance, provenance  # noqa: E402
 from glm4.knowledge import index  # noqa: E402
 from glm4.knowledge.ingest import Passage, parse, split  # noqa: E402
 
@@ -189,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=20, help="timed passes over the questions per engine")
     args = parser.parse_args()
+    record = provenance()
     index.warm_up()
     runs = []
     for max_tokens, overlap in ((400, 100), (120, 30)):
@@ -209,7 +211,7 @@ def main() -> None:
             runs.append(result)
             print(json.dumps(result, ensure_ascii=False))
     questions = load_corpus(400, 100).questions
-    report = {"questions": {lang: sum(q["lang"] == lang for q in questions) for lang in ("zh", "en")},
+    report = {"provenance": finish_provenance(record), "questions": {lang: sum(q["lang"] == lang for q in questions) for lang in ("zh", "en")},
               "top_k": TOP_K, "repeat": args.repeat, "python": platform.python_version(),
               "sqlite": sqlite3.sqlite_version, "machine": platform.machine(),
               "note": "query_ms is per question, single thread; the box may have been loaded", "runs": runs}

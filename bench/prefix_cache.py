@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 import httpx
 
-from common import RESULTS, ServerProcess, machine_summary, markdown_table, median
+from common import RESULTS, ServerProcess, finish_provenance, machine_summary, markdown_table, median, provenance
 
 REPLY = "Here is what I found in the document, summarised in a few short sentences for you. " * 24  # ~400 tokens
 WORDS = ("slot cache prefix token reply stream batch model server request prompt history turn agent tool "
@@ -174,6 +174,7 @@ def main() -> int:
     args = parser.parse_args()
     words, prefix_words, cold_repeats = (30, 1500, 2) if args.quick else (60, 4800, 5)
     started = time.time()
+    record = provenance()
     flags = ("--test-hooks",)
     with ServerProcess(*flags, log_name="reuse-on") as on, \
             ServerProcess(*flags, "--no-enable-prefix-caching", log_name="reuse-off") as off:
@@ -190,7 +191,9 @@ def main() -> int:
             "minutes": round((time.time() - started) / 60, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "prefix_cache-quick" if args.quick else "prefix_cache"
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": result}, indent=1))
+    record = finish_provenance(record)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"provenance": record, "meta": meta, "summary": summary,
+                                                      "runs": result}, indent=1))
     plot(result, RESULTS / f"{stem}.png")
     report = render(meta, summary, result, stem)
     (RESULTS / f"{stem}.md").write_text(report)

@@ -110,9 +110,18 @@ def client_loop(url: str, port: int, stop: threading.Event, seed: int, outcomes:
                 time.sleep(0.25)  # a polite client backs off (the server said Retry-After)
 
 
-def sample(process: psutil.Process, started: float, done: int) -> dict:
+def host_cache_mb(url: str) -> float:
+    """The prefix cache's host-memory KV (bounded by --cache-ram): RSS that grows by design, not a leak."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("glm4_host_cache_bytes "):
+            return float(line.split()[1]) / 2**20
+    return 0.0
+
+
+def sample(process: psutil.Process, url: str, started: float, done: int) -> dict:
     return {"t": round(time.monotonic() - started, 1), "rss_mb": process.memory_info().rss / 2**20,
-            "fds": process.num_fds(), "threads": process.num_threads(), "requests": done}
+            "host_cache_mb": host_cache_mb(url), "fds": process.num_fds(), "threads": process.num_threads(),
+            "requests": done}
 
 
 def verdict(samples: list[dict], warmup_s: float) -> dict:
@@ -124,8 +133,11 @@ def verdict(samples: list[dict], warmup_s: float) -> dict:
               "fds_after_warmup": median([s["fds"] for s in head]), "fds_end": median([s["fds"] for s in tail]),
               "fds_max": max(s["fds"] for s in samples), "threads_end": tail[-1]["threads"]}
     result["rss_growth_mb"] = result["rss_end_mb"] - result["rss_after_warmup_mb"]
+    result["host_cache_growth_mb"] = median([s["host_cache_mb"] for s in tail]) - \
+        median([s["host_cache_mb"] for s in head])
+    result["unbounded_growth_mb"] = result["rss_growth_mb"] - result["host_cache_growth_mb"]
     result["fds_growth"] = result["fds_end"] - result["fds_after_warmup"]
-    result["leak"] = result["rss_growth_mb"] > RSS_GROWTH_LIMIT_MB or result["fds_growth"] > FD_GROWTH_LIMIT
+    result["leak"] = result["unbounded_growth_mb"] > RSS_GROWTH_LIMIT_MB or result["fds_growth"] > FD_GROWTH_LIMIT
     return result
 
 
@@ -192,7 +204,7 @@ def main() -> int:
         while time.monotonic() - started < duration:
             with lock:
                 done = sum(outcomes.values())
-            samples.append(sample(process, started, done))
+            samples.append(sample(process, server.url, started, done))
             print(f"{samples[-1]['t']:7.1f} s  RSS {samples[-1]['rss_mb']:7.1f} MiB  fds {samples[-1]['fds']:3d}  "
                   f"threads {samples[-1]['threads']:3d}  requests {done}", flush=True)
             time.sleep(args.interval)
@@ -202,7 +214,7 @@ def main() -> int:
         time.sleep(1)
         with lock:
             done = sum(outcomes.values())
-        samples.append(sample(process, started, done))
+        samples.append(sample(process, server.url, started, done))
         idle = httpx.get(server.url + "/metrics").text
         running = [line for line in idle.splitlines() if line.startswith(("glm4_requests_running ",
                                                                           "glm4_requests_waiting "))]
@@ -244,7 +256,9 @@ def report(result: dict, samples: list[dict], record: dict) -> str:
         "",
         f"**Verdict: {verdict_words(result)}.** "
         f"RSS {result['rss_after_warmup_mb']:.1f} → {result['rss_end_mb']:.1f} MiB "
-        f"({result['rss_growth_mb']:+.1f} MiB; limit {RSS_GROWTH_LIMIT_MB:g}), open file descriptors "
+        f"({result['rss_growth_mb']:+.1f} MiB, of which {result['host_cache_growth_mb']:+.1f} MiB is KV kept by "
+        f"the bounded host prompt cache; {result['unbounded_growth_mb']:+.1f} MiB beyond it, limit "
+        f"{RSS_GROWTH_LIMIT_MB:g}), open file descriptors "
         f"{result['fds_after_warmup']:g} → {result['fds_end']:g} (max {result['fds_max']}), "
         f"warm-up {result['warmup_s']:.0f} s. Afterwards: {', '.join(result['idle_after'])}.",
         "",
