@@ -157,3 +157,51 @@ async def test_kv_is_never_reused_across_salts(make_engine):
     again = await collect(engine.submit(prompt_for(engine, messages, salt="key-a"), greedy(), "a-again"))
     assert again[-1].usage.cached_tokens > 0.9 * again[-1].usage.prompt_tokens
     assert ids_of(first) == ids_of(other) == ids_of(again)
+
+
+# ---- through the live server: what clients see ----
+
+def chat_turns(client, turns: list[str], **extra) -> list:
+    """A conversation with replies forced to a fixed text; the usage of each turn (stream and not alternate)."""
+    messages, usages = [{"role": "system", "content": SYSTEM}], []
+    for index, question in enumerate(turns):
+        messages.append({"role": "user", "content": question})
+        body = {"test_force_output": f"Answer number {index}: " + "the server streams tokens. " * 6}
+        if index % 2:
+            stream = client.chat.completions.create(model="glm-4", messages=messages, stream=True,
+                                                    stream_options={"include_usage": True}, extra_body=body, **extra)
+            chunks = list(stream)
+            reply, usage = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage
+        else:
+            response = client.chat.completions.create(model="glm-4", messages=messages, extra_body=body, **extra)
+            reply, usage = response.choices[0].message.content, response.usage
+        messages.append({"role": "assistant", "content": reply})
+        usages.append(usage)
+    return usages
+
+
+def test_follow_up_turns_report_their_cached_prompt_tokens(start_server):
+    from openai import OpenAI
+
+    live = start_server("--no-ui", "--test-hooks")
+    usages = chat_turns(OpenAI(base_url=live.base_url, api_key="x"), TURNS, prompt_cache_key="conversation-1")
+    assert usages[0].prompt_tokens_details.cached_tokens == 0  # nothing was there to reuse
+    for before, after in zip(usages, usages[1:]):
+        # the whole previous turn (its prompt and the reply it generated) is reused, stream or not
+        assert after.prompt_tokens_details.cached_tokens >= 0.95 * before.prompt_tokens
+        assert after.prompt_tokens_details.cached_tokens < after.prompt_tokens  # at least one token is prefilled
+
+
+def test_another_api_key_never_reuses_the_first_keys_kv(start_server):
+    from openai import OpenAI
+
+    live = start_server("--no-ui", "--test-hooks", "--api-key", "alice-key,bob-key")
+    alice = OpenAI(base_url=live.base_url, api_key="alice-key")
+    bob = OpenAI(base_url=live.base_url, api_key="bob-key")
+    first = chat_turns(alice, TURNS[:2])
+    replayed = chat_turns(bob, TURNS[:2])  # the very same messages under the other key: nothing reused
+    assert [u.prompt_tokens for u in replayed] == [u.prompt_tokens for u in first]
+    assert replayed[0].prompt_tokens_details.cached_tokens == 0  # alice's identical first turn is not reused
+    assert replayed[1].prompt_tokens_details.cached_tokens <= replayed[0].prompt_tokens + replayed[0].completion_tokens
+    again = chat_turns(alice, TURNS[:2])  # while the first key still finds its own conversation
+    assert again[0].prompt_tokens_details.cached_tokens >= 0.95 * first[0].prompt_tokens - 1

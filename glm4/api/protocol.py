@@ -128,6 +128,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    prompt_cache_key: str | None = Field(None, max_length=1024)  # steers which cached conversation is tried first
     # --- extensions (not in OpenAI's API) ---
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
@@ -195,10 +196,15 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
+class PromptTokensDetails(OpenAIBaseModel):
+    cached_tokens: int = 0
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ToolCallFunction(OpenAIBaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from typing import Annotated
@@ -35,6 +36,9 @@ def require_api_key(request: Request) -> None:
     if not valid:
         raise APIError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer <key>'",
                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    # KV computed under one key is reused only under the same key: a shared prefix cache would let one tenant
+    # time another's prompts (vLLM's cache_salt). A digest, so the key itself is not kept with the cache.
+    request.state.cache_salt = "key:" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
 Service = Annotated[ChatService, Depends(chat_service)]

@@ -147,6 +147,8 @@ class ChatService:
             raise APIError(400, "n > 1 is not supported with the legacy stream format; use stream_format "
                            '"openai" or n = 1', param="n")
         prompt, params = await self.prepare(request)
+        prompt.cache_salt = getattr(raw.state, "cache_salt", "")
+        prompt.cache_hint = request.prompt_cache_key
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
 
@@ -259,7 +261,9 @@ class ResponseContext:
 def usage_dict(choices: list[Choice]) -> dict:
     prompt = choices[0].usage.prompt_tokens if choices[0].usage else 0
     completion = sum(c.usage.completion_tokens for c in choices if c.usage)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = choices[0].usage.cached_tokens if choices[0].usage else 0  # the first choice's prefill shows reuse
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class GenerationFailed(Exception):
