@@ -324,7 +324,7 @@ def build_ui(engine: Engine, settings, tools: list[dict] | None = None,
         with gr.Row(equal_height=True, elem_id="glm4-header"):
             header = gr.Markdown(heading("en"), elem_id="glm4-title")
             language = gr.Radio(list(LANGUAGES.values()), value=LANGUAGES["en"], show_label=False, scale=0,
-                                min_width=170, container=False, elem_id="glm4-language")
+                                min_width=200, container=False, elem_id="glm4-language")
             dark = gr.Button(ui_text("en", "dark"), size="sm", scale=0, min_width=130, elem_id="glm4-dark")
             download = gr.Button(ui_text("en", "download"), size="sm", scale=0, min_width=160,
                                  elem_id="glm4-download")
@@ -342,7 +342,7 @@ def build_ui(engine: Engine, settings, tools: list[dict] | None = None,
                           render=False)
         max_tokens = gr.Slider(16, info.max_model_len, value=defaults["max_new_tokens"], step=16,
                                label="Max new tokens", elem_id="glm4-max-tokens", render=False)
-        parameters = gr.Accordion("Parameters", open=False, render=False)
+        parameters = gr.Accordion("Parameters", open=False, render=False, elem_id="glm4-parameters")
         chat = gr.ChatInterface(
             session.respond,
             chatbot=gr.Chatbot(scale=1, min_height=360, show_label=False, buttons=["copy", "copy_all"],
@@ -362,6 +362,9 @@ def build_ui(engine: Engine, settings, tools: list[dict] | None = None,
             fill_height=True,
         )
         chat.saved_conversations.secret = browser_state_secret()
+        # ChatInterface renders a copy of the accordion it was given: relabel the one on the page.
+        parameters = next(block for block in demo.blocks.values()
+                          if isinstance(block, gr.Accordion) and block.elem_id == "glm4-parameters")
         # The file is made in the browser: Gradio's State.change does not fire for the queue=False events
         # ChatInterface syncs its history with, so a DownloadButton could not be kept up to date.
         download.click(download_text, [chat.chatbot, language], [markdown], api_visibility="private").then(
@@ -399,7 +402,7 @@ class DocumentsPanel:
     def render(self) -> None:
         with gr.Accordion(ui_text("en", "documents"), open=False, elem_id="glm4-documents") as self.accordion:
             self.upload = gr.File(label=ui_text("en", "upload"), file_count="multiple", file_types=ACCEPTED_TYPES,
-                                  elem_id="glm4-upload")
+                                  height=140, elem_id="glm4-upload")
             self.table = gr.Dataframe(headers=self.headers("en"), value=[], interactive=False, wrap=True,
                                       label=ui_text("en", "files"), elem_id="glm4-files")
             with gr.Row():
@@ -421,7 +424,8 @@ class DocumentsPanel:
         owner = ui_owner(getattr(request, "username", None))
         rows = self.documents.rows(owner, language)
         indexing = any(row[2] == ui_text(language, "status_in_progress") for row in rows)
-        table = gr.update(value=[row[:3] for row in rows] or [], headers=self.headers(language))
+        table = gr.update(value=[row[:3] for row in rows] or [], headers=self.headers(language),
+                          label=ui_text(language, "files"))
         choice = gr.update(choices=[(f"{row[0]} ({row[1]})", row[3]) for row in rows], value=None)
         return [table, choice, gr.Timer(active=indexing)]
 
@@ -440,7 +444,7 @@ class DocumentsPanel:
             code = LANGUAGE_CODES.get(choice, "en")
             try:
                 for name in self.documents.upload(ui_owner(request.username), list(paths or [])):
-                    gr.Info(ui_text(code, "uploaded", name=name))
+                    gr.Info(ui_text(code, "uploaded", name=name), duration=3)
             except Exception as error:  # the store's errors say what is wrong with the file
                 gr.Warning(upload_error(error))
             return [None, *self.listing(code, request)]
@@ -452,7 +456,7 @@ class DocumentsPanel:
             else:
                 try:
                     name = self.documents.delete(ui_owner(request.username), file_id)
-                    gr.Info(ui_text(code, "deleted", name=name))
+                    gr.Info(ui_text(code, "deleted", name=name), duration=3)
                 except Exception as error:
                     gr.Warning(upload_error(error))
             return self.listing(code, request)
