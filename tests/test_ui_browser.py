@@ -213,3 +213,87 @@ def test_a_user_waiting_for_a_slot_sees_it(open_page, start_server):
     first.click(STOP)  # frees the only slot: the waiting request runs
     wait_idle(second, waiting)
     assert "Waiting for a free slot" not in bot_texts(second)[-1]  # the notice gave way to the reply
+
+
+# ---- documents, languages, dark mode (issue 17) ----
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+DOCUMENT_NAME = "router-manual.md"
+DOCUMENT = ("# Router manual\n\n## Reset\n\nTo reset the Zephyr router, hold the red button on its back for "
+            "twelve seconds until the light blinks blue.\n\n## Wi-Fi\n\nThe Zephyr router broadcasts on 2.4 GHz "
+            "and 5 GHz; the 5 GHz band is faster at short range.\n")
+# The tiny model does not write citation markers: the hook forces an answer that cites source 1.
+CITED_ANSWER = "test_force_output: Hold the red button for twelve seconds [1]."
+
+
+def upload_document(page, path: Path) -> None:
+    if not page.is_visible("#glm4-upload"):
+        page.locator("#glm4-documents").get_by_text("My documents").click()
+    page.set_input_files("#glm4-upload input[type=file]", str(path))
+    page.wait_for_function("(name) => document.querySelector('#glm4-files')?.innerText.includes(name)"
+                           " && document.querySelector('#glm4-files').innerText.includes('ready')",
+                           arg=path.name)
+
+
+def test_documents_answer_with_citations_in_chinese_and_dark_mode(page, ui_server, tmp_path):
+    document = tmp_path / DOCUMENT_NAME
+    document.write_text(DOCUMENT, encoding="utf-8")
+    upload_document(page, document)
+    assert "B" in page.inner_text("#glm4-files")  # the size column
+
+    page.check("#glm4-use-documents input[type=checkbox]")
+    set_parameters(page, system=CITED_ANSWER, temperature=0, max_tokens=64)
+    wait_idle(page, send(page, "How do I reset the Zephyr router?"))
+    answer = bot_texts(page)[-1]
+    assert "[1]" in answer and "References" in answer
+    references = answer.split("References", 1)[1]
+    assert DOCUMENT_NAME in references and "twelve seconds" in references  # file name and quoted passage
+
+    # The switch off: the same question gets no references.
+    page.uncheck("#glm4-use-documents input[type=checkbox]")
+    wait_idle(page, send(page, "How do I reset the Zephyr router?"))
+    assert "References" not in bot_texts(page)[-1]
+    page.get_by_text("Parameters").click()  # fold the parameters away for the screenshots
+
+    # Chinese: the interface text changes, and the choice survives a reload.
+    page.locator("#glm4-language").get_by_text("中文").click()
+    page.wait_for_function("() => document.body.innerText.includes('根据我的文档回答')"
+                           " && document.querySelector('#glm4-parameters').innerText.includes('参数')")
+    assert "就绪" in page.inner_text("#glm4-files")  # the status column is translated too
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "ui-chinese.png"), full_page=True)
+    page.locator("#glm4-documents").get_by_text("我的文档").click()  # fold the panel: the chat in the next one
+
+    # Dark mode, toggled (the page starts as the system says: light in headless chromium).
+    assert not page.evaluate("document.body.classList.contains('dark')")
+    page.click("#glm4-dark")
+    page.wait_for_function("() => document.body.classList.contains('dark')")
+    background = page.evaluate("getComputedStyle(document.querySelector('gradio-app')).backgroundColor")
+    page.screenshot(path=str(SCREENSHOTS / "ui-dark.png"), full_page=True)
+    channels = [int(part) for part in background[background.index("(") + 1:].rstrip(")").split(",")[:3]]
+    assert sum(channels) < 3 * 100, f"dark mode did not darken the page: {background}"
+
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function("() => document.body.innerText.includes('根据我的文档回答')"
+                           " && document.body.classList.contains('dark')")
+
+    # Delete: the document leaves the list.
+    page.locator("#glm4-documents").get_by_text("我的文档").click()
+    page.locator("#glm4-delete-choice input").click()
+    page.get_by_role("option", name=DOCUMENT_NAME, exact=False).click()
+    page.click("#glm4-delete")
+    page.wait_for_function("(name) => !document.querySelector('#glm4-files').innerText.includes(name)",
+                           arg=DOCUMENT_NAME)
+
+
+def test_interface_follows_the_browser_language_and_system_dark_mode(chromium, ui_server):
+    context = chromium.new_context(locale="zh-CN", color_scheme="dark", viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(ui_server.url + "/", wait_until="domcontentloaded")
+        page.wait_for_function("() => document.body.innerText.includes('根据我的文档回答')"
+                               " && document.querySelector('#glm4-input textarea')?.placeholder.includes('输入消息')")
+        assert page.evaluate("document.body.classList.contains('dark')")  # Gradio follows the system
+    finally:
+        context.close()
