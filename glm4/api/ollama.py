@@ -29,7 +29,7 @@ from glm4.api.ollama_protocol import (ChatRequest, ChatResponse, EmbedRequest, E
                                       ResponseMessage, ResponseToolCall, ResponseToolCallFunction, RunningModel,
                                       ShowRequest, ShowResponse, TagsResponse, VersionResponse)
 from glm4.api.protocol import ChatCompletionRequest, completion_id
-from glm4.api.routes import require_api_key
+from glm4.api.routes import NonFiniteNumber, refuse_constant, require_api_key
 from glm4.api.serving import (ChatService, Choice, EngineStreamingResponse, GenerationFailed, choice_events,
                               failure_error, until_disconnect)
 from glm4.embeddings import EmbeddingInputError
@@ -98,15 +98,19 @@ async def read_body(request: Request, model: type[BaseModel]):
     """Parse the body as JSON whatever its Content-Type (Ollama's clients and curl -d), with 400s that say why."""
     raw = await request.body()
     try:
-        data = json.loads(raw) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise OllamaError(400, "invalid JSON in the request body") from None
+        data = json.loads(raw, parse_constant=refuse_constant) if raw.strip() else {}
+    except UnicodeDecodeError:
+        raise OllamaError(400, "the request body is not valid UTF-8") from None
+    except json.JSONDecodeError as error:
+        raise OllamaError(400, f"invalid JSON in the request body: {error.msg} at position {error.pos}") from None
+    except NonFiniteNumber as error:
+        raise OllamaError(400, f"invalid JSON in the request body: {error}") from None
     except (RecursionError, ValueError):
         raise OllamaError(400, "the request body is nested too deeply or holds a number too long to read") from None
     if not isinstance(data, dict):
         raise OllamaError(400, "the request body must be a JSON object")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, strict=True)  # JSON types as Ollama's Go decoder takes them
     except ValidationError as error:
         message, _ = describe_errors(error.errors(include_url=False))
         raise OllamaError(400, message) from None

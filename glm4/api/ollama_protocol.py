@@ -65,7 +65,7 @@ class Message(OllamaModel):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     thinking: str | None = None  # past reasoning: not sent back to the model
-    images: list[str] | None = None  # refused with a clear 400: GLM-4-9B-chat reads text only
+    images: list[str] | None = Field(None, json_schema_extra={"maxItems": 0})  # a 400: GLM-4-9B-chat reads text only
     tool_calls: list[ToolCall] | None = None
     tool_name: str | None = None  # on role "tool": which function this result is from
 
@@ -98,12 +98,14 @@ class ChatRequest(OllamaModel):
 class GenerateRequest(OllamaModel):
     model: str = Field(min_length=1)
     prompt: str = ""
-    suffix: str | None = None
+    # suffix (fill-in-the-middle), template (Go templates), context (deprecated state) and images are refused
+    # when not empty, with a 400 that says why; the spec says so too
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})
     system: str | None = None
-    template: str | None = None
-    context: list[int] | None = None  # deprecated in Ollama; refused when not empty
+    template: str | None = Field(None, json_schema_extra={"maxLength": 0})
+    context: list[int] | None = Field(None, json_schema_extra={"maxItems": 0})
     raw: bool = False
-    images: list[str] | None = None
+    images: list[str] | None = Field(None, json_schema_extra={"maxItems": 0})
     format: Format = None
     options: Options | None = None
     stream: bool = True
