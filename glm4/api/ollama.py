@@ -333,6 +333,9 @@ class OllamaService:
         if not body.messages:  # Ollama's way to load a model: an empty chat answers done at once
             return JSONResponse(ChatResponse(model=body.model, created_at=now_iso(), message=ResponseMessage(),
                                              done=True, done_reason="load").model_dump(exclude_none=True))
+        if body.tools and body.format not in (None, ""):
+            # NOTE(ollama): a tool call is GLM-4's own text, not JSON of the format's schema: one grammar cannot be both
+            raise OllamaError(400, "format cannot be combined with tools: send one or the other")
         request = chat_request(name, to_chat_messages(body.messages), body.tools, body.options)
         splitter = self.splitter(body.think)
         prompt, params = await self.prepare(request, body.options, body.format)
@@ -355,14 +358,12 @@ class OllamaService:
                               "conversation to /api/chat")
         if body.suffix:
             raise OllamaError(400, "suffix (fill-in-the-middle) is not supported by this model")
-        if not body.prompt and not body.raw:  # Ollama's way to load a model
+        if not body.prompt:  # Ollama's way to load a model
             return JSONResponse(GenerateResponse(model=body.model, created_at=now_iso(), response="", done=True,
                                                  done_reason="load").model_dump(exclude_none=True))
         if body.raw:
             if getattr(self.engine, "tokenizer", None) is None:
                 raise OllamaError(400, "raw needs a local model; this server's backend takes messages only")
-            if not body.prompt:
-                raise OllamaError(400, "raw: true needs a prompt")
             request = chat_request(name, [{"role": "user", "content": body.prompt}], None, body.options)
             token_ids = await asyncio.to_thread(self.engine.encode, body.prompt)
             prompt = Prompt(token_ids=token_ids, messages=request.model_dump(exclude_none=True)["messages"])

@@ -9,12 +9,22 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 
 class OllamaModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def integral_floats(data, keys: tuple[str, ...]):
+    """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
+    if isinstance(data, dict):
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, float) and value.is_integer():
+                data = {**data, key: int(value)}
+    return data
 
 
 # ---------- requests ----------
@@ -26,7 +36,7 @@ class Options(OllamaModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
     num_predict: int | None = Field(None, ge=-2)  # -1: until the context is full; -2: fill the context (Ollama)
-    stop: list[str] | None = Field(None, max_length=4)
+    stop: list[str] | None = Field(None, max_length=4, json_schema_extra={"items": {"type": "string", "minLength": 1}})
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     repeat_penalty: float | None = Field(None, gt=0.0, le=10.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -35,6 +45,11 @@ class Options(OllamaModel):
     # test hooks (--test-hooks only; refused otherwise), left out of the OpenAPI spec:
     test_force_output: SkipJsonSchema[str | None] = None
     test_fault: SkipJsonSchema[Literal["error", "oom"] | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def accept_integral_floats(cls, data):
+        return integral_floats(data, ("top_k", "num_predict", "seed", "num_ctx"))
 
     @field_validator("temperature", "top_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
     @classmethod
@@ -114,8 +129,12 @@ class GenerateRequest(OllamaModel):
 
 
 class ShowRequest(OllamaModel):
-    model: str | None = None
-    name: str | None = None  # the older clients' spelling
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["model"], "properties": {"model": {"type": "string"}}},
+        {"required": ["name"], "properties": {"name": {"type": "string"}}}]})
+
+    model: str | None = Field(None, min_length=1)
+    name: str | None = Field(None, min_length=1)  # the older clients' spelling
     verbose: bool = False
 
     @property
@@ -130,6 +149,11 @@ class EmbedRequest(OllamaModel):
     dimensions: int | None = Field(None, ge=1)
     options: dict[str, Any] | None = None
     keep_alive: Union[str, float, None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def accept_integral_floats(cls, data):
+        return integral_floats(data, ("dimensions",))
 
 
 class LegacyEmbeddingsRequest(OllamaModel):
