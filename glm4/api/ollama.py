@@ -23,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from glm4 import __version__
 from glm4.api.errors import APIError, describe_errors
-from glm4.api.ollama_protocol import (ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, ErrorResponse,
+from glm4.api.ollama_protocol import (ChatRequest, ChatResponse, EmbedRequest, EmbedResponse, OllamaErrorResponse,
                                       GenerateRequest, GenerateResponse, LegacyEmbeddingsRequest,
                                       LegacyEmbeddingsResponse, ListedModel, ModelDetails, Options, ProcessResponse,
                                       ResponseMessage, ResponseToolCall, ResponseToolCallFunction, RunningModel,
@@ -55,7 +55,7 @@ class OllamaError(Exception):
         return cls(error.status, error.message, error.headers)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.message).model_dump(), status_code=self.status,
+        return JSONResponse(OllamaErrorResponse(error=self.message).model_dump(), status_code=self.status,
                             headers=self.headers)
 
 
@@ -317,7 +317,7 @@ class OllamaService:
                         yield line(part, None).model_dump_json(exclude_none=True) + "\n"
                     yield line(run.final_part(), run).model_dump_json(exclude_none=True) + "\n"
                 except GenerationFailed as failure:
-                    yield ErrorResponse(error=str(failure)).model_dump_json() + "\n"
+                    yield OllamaErrorResponse(error=str(failure)).model_dump_json() + "\n"
             return EngineStreamingResponse(lines(), cancel, media_type=NDJSON)
         try:
             whole = await until_disconnect(run.drain(), raw)
@@ -478,7 +478,7 @@ def ollama_service(request: Request) -> OllamaService:
     return request.app.state.ollama
 
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+ERRORS = {status: {"model": OllamaErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
 router = APIRouter(prefix="/api", dependencies=[Depends(require_key)], responses=ERRORS, tags=["ollama"])
 
 

@@ -274,5 +274,5 @@ class LegacyEmbeddingsResponse(OllamaModel):
     embedding: list[float]
 
 
-class ErrorResponse(OllamaModel):
+class OllamaErrorResponse(OllamaModel):
     error: str
