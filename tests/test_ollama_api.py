@@ -316,3 +316,17 @@ def test_api_key_protects_the_ollama_routes(start_server):
     client = ollama.Client(host=guarded.url, headers={"Authorization": "Bearer sekret"})
     assert client.chat(model="glm-4", messages=HI, options={"num_predict": 2}).done
     assert [m.model for m in client.list().models] == ["glm-4:latest"]
+
+
+def test_a_reasoning_model_shows_thinking_apart_and_think_false_leaves_it_out(start_server, tiny_z1_dir):
+    z1 = start_server("--no-ui", "--test-hooks", "--model", str(tiny_z1_dir))
+    client = ollama.Client(host=z1.url)
+    assert "thinking" in client.show("glm-4").capabilities
+    forced = {"test_force_output": "Paris is in France.</think>It is Paris.", "num_predict": 40}
+    reply = client.chat(model="glm-4", messages=HI, think=True, options=forced)
+    assert reply.message.thinking.strip() == "Paris is in France."
+    assert reply.message.content.strip() == "It is Paris."
+    streamed = list(client.chat(model="glm-4", messages=HI, think=True, options=forced, stream=True))
+    assert "".join(p.message.thinking or "" for p in streamed).strip() == "Paris is in France."
+    hidden = client.chat(model="glm-4", messages=HI, think=False, options=forced)
+    assert hidden.message.thinking is None and hidden.message.content.strip() == "It is Paris."

@@ -278,10 +278,14 @@ class OllamaService:
             raise OllamaError(400, f"format is not a usable JSON schema: {error}") from None
 
     def splitter(self, think) -> Any:
+        """A reasoning splitter for a reasoning model (None otherwise); think: false drops what it splits off."""
         mode = self.reasoning_mode()
         if think not in (None, False) and not mode.enabled:
             raise OllamaError(400, f"\"{self.engine.info.name}\" does not support thinking")
-        return mode.splitter()
+        splitter = mode.splitter()
+        if splitter is not None:
+            splitter.show_thinking = think is not False
+        return splitter
 
     # ---- chat / generate ----
 
@@ -425,7 +429,8 @@ class Run:
         if final:
             rest = self.splitter.finish()
             answer, thinking = answer + rest.answer, thinking + rest.reasoning
-        return ResponseMessage(content=answer, thinking=thinking or None)
+        shown = getattr(self.splitter, "show_thinking", True)
+        return ResponseMessage(content=answer, thinking=(thinking or None) if shown else None)
 
     async def parts(self) -> AsyncIterator[ResponseMessage]:
         async for choice, events in choice_events(self.choice):
