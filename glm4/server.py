@@ -19,6 +19,7 @@ from glm4.api.embeddings import install_embeddings
 from glm4.api.errors import APIError, error_body, install_error_handlers
 from glm4.api.knowledge import open_store, upload_body_limit
 from glm4.api.metrics import Metrics
+from glm4.api.ollama import install_ollama, ollama_request_schemas
 from glm4.api.routes import public, v1
 from glm4.api.serving import ChatService
 from glm4.engine.base import Engine
@@ -78,7 +79,7 @@ class GuardMiddleware:
             return message
 
         try:
-            if self.state.status == "draining" and route_path(scope).startswith("/v1/"):
+            if self.state.status == "draining" and route_path(scope).startswith(("/v1/", "/api/")):
                 await refuse(APIError(503, "the server is shutting down; retry on another instance",
                                       code="unavailable", headers={"Retry-After": "5"}))
                 return
@@ -122,6 +123,7 @@ def describe_request_models(app: FastAPI, settings: Settings) -> None:
             schemas = components.setdefault("schemas", {})
             schemas.update(request_schema.pop("$defs", {}))
             schemas["ChatCompletionRequest"] = request_schema
+            schemas.update(ollama_request_schemas())
             for name in ("HTTPValidationError", "ValidationError"):
                 schemas.pop(name, None)
             if settings.api_key:
@@ -129,7 +131,7 @@ def describe_request_models(app: FastAPI, settings: Settings) -> None:
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     operation["responses"].pop("422", None)
-                    if settings.api_key and path.startswith("/v1/"):
+                    if settings.api_key and path.startswith(("/v1/", "/api/")):
                         operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
@@ -230,6 +232,7 @@ def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
     app.include_router(vector_stores.router)
     app.include_router(public)
     install_embeddings(app, embeddings)  # /v1/embeddings, /v1/rerank (+ /rerank, /v2/rerank)
+    install_ollama(app)  # Ollama's /api (chat, generate, tags, show, embed, ...)
     describe_request_models(app, settings)
     if not settings.no_ui:
         from glm4.ui import mount_ui

@@ -49,6 +49,21 @@ BUDGETS = {
                  "GET /health": 5},
     "negative": {"POST /v1/chat/completions": 480, "GET /v1/models/{model_id}": 20},
 }
+# Ollama's /api (tests/test_ollama_api.py has the client-level tests); run apart, on the same server.
+OLLAMA_BUDGETS = {
+    "positive": {"POST /api/chat": 120, "POST /api/generate": 80, "POST /api/show": 20, "POST /api/embed": 15,
+                 "POST /api/embeddings": 10, "GET /api/tags": 3, "GET /api/ps": 3, "GET /api/version": 3},
+    "negative": {"POST /api/chat": 80, "POST /api/generate": 50, "POST /api/show": 15, "POST /api/embed": 15},
+}
+# Ollama's errors carry no code: the refusals JSON Schema cannot express, by the words of the message.
+OLLAMA_REFUSALS = {
+    "not found": "model_not_found",  # a generated model name
+    "does not support": "capability",  # think on a model without reasoning, embed without an embedding model
+    "num_ctx": "context_length_exceeded",  # num_ctx above the plan, or below the prompt
+    "maximum context length": "context_length_exceeded",
+    "format": "format",  # a generated object that is not a JSON schema the grammar compiler takes
+    "tool": "tool_choice",  # a tool result or call that the prompt cannot place
+}
 # Schema-valid requests the server refuses with a 4xx for reasons JSON Schema cannot express.
 SEMANTIC_REFUSALS = {
     "context_length_exceeded",  # prompt + max_tokens larger than the context window (depends on tokens)
@@ -118,7 +133,9 @@ def generation_spec(spec: dict) -> dict:
             for value in node:
                 bound(value)
 
-    for name in request_schemas(spec):
+    roots = ["ChatCompletionRequest"] + [name for name in spec["components"]["schemas"]
+                                         if name.startswith("Ollama") and name.endswith("Request")]
+    for name in set().union(*(request_schemas(spec, root) for root in roots)):
         bound(spec["components"]["schemas"][name])
     return spec
 
@@ -131,9 +148,27 @@ def served_validator(spec: dict):
     return jsonschema.Draft202012Validator(root)
 
 
-def cap_generation(case) -> None:
+def cap_ollama_generation(body: dict, mode: str) -> None:
+    """/api/chat and /api/generate: options.num_predict at most 4 (added when absent; 0, -1, -2 mean "unlimited"),
+    and in positive cases the model name becomes the served one (most generated names would only be 404s)."""
+    if mode == "positive" and isinstance(body.get("model"), str):
+        body["model"] = "glm-4"
+    options = body.get("options")
+    if options is None or "options" not in body:
+        body["options"] = options = {}
+    if isinstance(options, dict):
+        value = options.get("num_predict")
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and (value > MAX_TOKENS_CAP or -2 <= value <= 0)):
+            options["num_predict"] = MAX_TOKENS_CAP
+
+
+def cap_generation(case, mode: str = "positive") -> None:
     """Keep generated chat requests cheap for the tiny model without making valid data invalid or vice versa."""
     body = case.body
+    if case.operation.path in ("/api/chat", "/api/generate") and isinstance(body, dict):
+        cap_ollama_generation(body, mode)
+        return
     if case.operation.path != "/v1/chat/completions" or not isinstance(body, dict):
         return
     limits = [key for key in ("max_completion_tokens", "max_tokens") if body.get(key) is not None]
@@ -148,7 +183,16 @@ def cap_generation(case) -> None:
         body["n"] = N_CAP
 
 
-def envelope_problem(response) -> str | None:
+def envelope_problem(response, ollama: bool = False) -> str | None:
+    if ollama:  # Ollama's shape: {"error": "message"}
+        try:
+            body = response.json()
+        except ValueError:
+            return "not JSON"
+        if not isinstance(body, dict) or set(body) != {"error"} or not isinstance(body["error"], str) \
+                or not body["error"]:
+            return f"not Ollama's error shape: {str(body)[:100]}"
+        return None
     try:
         error = response.json()["error"]
     except (ValueError, KeyError, TypeError):
@@ -165,9 +209,19 @@ def content_type(response) -> str:
     return values[0] if isinstance(values, list) else values
 
 
-def stream_problem(response) -> str | None:
-    """An OpenAI SSE stream must end with [DONE] and carry no error event; a legacy one ends with ["DONE"]."""
+def stream_problem(response, ollama: bool = False) -> str | None:
+    """An OpenAI SSE stream must end with [DONE] and carry no error event; a legacy one ends with ["DONE"];
+    an Ollama NDJSON stream ends with a done line and carries no error line."""
     text = response.text
+    if ollama:
+        if not content_type(response).startswith("application/x-ndjson"):
+            return None
+        parts = [json.loads(line) for line in text.split("\n") if line]
+        if not parts or parts[-1].get("done") is not True:
+            return f"Ollama stream without a final done line: ...{text[-300:]!r}"
+        if any("error" in part for part in parts):
+            return "in-band error in the Ollama stream"
+        return None
     if content_type(response).startswith("text/event-stream"):
         events = [line[len("data: "):] for line in text.split("\n") if line.startswith("data: ")]
         if not events or events[-1] != "[DONE]":
@@ -183,10 +237,13 @@ def stream_problem(response) -> str | None:
     return None
 
 
-def refusal_reason(response) -> str | None:
+def refusal_reason(response, ollama: bool = False) -> str | None:
     """The SEMANTIC_REFUSALS entry that explains a 4xx to a schema-valid request, if any."""
     if response.status_code not in (400, 404):
         return None
+    if ollama:
+        message = response.json().get("error", "")
+        return next((reason for words, reason in OLLAMA_REFUSALS.items() if words in message), None)
     error = response.json().get("error", {})
     for reason in (error.get("code"), error.get("param")):
         if reason in SEMANTIC_REFUSALS:
@@ -270,21 +327,22 @@ class Caller:
             session = self.local.session = requests.Session()
         valid_for_served_spec = (mode == "negative" and case.operation.path == "/v1/chat/completions"
                                  and self.validator.is_valid(case.body))
-        cap_generation(case)
+        cap_generation(case, mode)
         response = case.call(base_url=self.base_url, session=session, timeout=120)
         label = f"{mode} {case.operation.label}"
+        ollama = case.operation.path.startswith("/api/")
         problems: list[tuple[str, str]] = []  # (kind, detail)
         if response.status_code >= 500:
             problems.append(("server_error", f"{response.status_code} {response.text[:200]}"))
         elif response.status_code >= 400:
-            problem = envelope_problem(response)
+            problem = envelope_problem(response, ollama)
             if problem:
                 problems.append(("envelope", f"{response.status_code}: {problem}: {response.text[:200]}"))
         else:
-            problem = stream_problem(response)
+            problem = stream_problem(response, ollama)
             if problem:
                 problems.append(("server_error", problem))
-        refusal = refusal_reason(response) if mode == "positive" or valid_for_served_spec else None
+        refusal = refusal_reason(response, ollama) if mode == "positive" or valid_for_served_spec else None
         try:
             case.validate_response(response)
         except FailureGroup as group:
@@ -333,6 +391,18 @@ def fuzz(url: str, budgets: dict[str, dict[str, int]] = BUDGETS, workers: int = 
         caller.wait()
     report.seconds = time.monotonic() - started
     return report
+
+
+def test_fuzz_ollama_api_no_5xx_and_every_error_in_ollama_shape(server):
+    report = fuzz(server.url, OLLAMA_BUDGETS)
+    print(report.summary())
+    assert report.requests >= 200, report.summary()
+    assert not report.server_errors, report.summary()
+    assert not report.envelope_errors, report.summary()
+    assert not report.check_failures, report.summary()
+    assert report.by_status["positive POST /api/chat 200"] >= 30, report.summary()  # most chats are answered
+    assert report.by_status["negative POST /api/chat 400"] >= 30, report.summary()
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 
 def test_spec_describes_the_request_and_response_models(server):
