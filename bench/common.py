@@ -95,7 +95,8 @@ def provenance() -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", str(shown), *sys.argv[1:]]),
         "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "app.py", "glm4", "bench")),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "app.py", "glm4", "bench",
+                              ":!bench/results")),  # code that measures, not the results written so far
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "gpus": gpus},
         "versions": versions,
