@@ -91,7 +91,14 @@ def set_parameters(page, system: str | None = None, **values: float) -> None:
     if not page.is_visible("#glm4-temperature"):
         page.get_by_text("Parameters").click()
     if system is not None:
-        page.fill("#glm4-system textarea", system)
+        from playwright.sync_api import expect
+
+        box = page.locator("#glm4-system textarea")
+        box.fill(system)
+        page.wait_for_timeout(300)  # a relabel right after load can re-render the box: fill until it holds
+        if box.input_value() != system:
+            box.fill(system)
+        expect(box).to_have_value(system)
     for name, value in values.items():
         box = page.locator(f"#glm4-{name.replace('_', '-')} input[type=number]")
         box.fill(str(value))
