@@ -205,3 +205,21 @@ def test_another_api_key_never_reuses_the_first_keys_kv(start_server):
     assert replayed[1].prompt_tokens_details.cached_tokens <= replayed[0].prompt_tokens + replayed[0].completion_tokens
     again = chat_turns(alice, TURNS[:2])  # while the first key still finds its own conversation
     assert again[0].prompt_tokens_details.cached_tokens >= 0.95 * first[0].prompt_tokens - 1
+
+
+def test_ollama_requests_are_salted_with_their_key_too(start_server):
+    import httpx
+
+    live = start_server("--no-ui", "--api-key", "alice-key,bob-key")
+    body = {"model": "glm-4", "stream": False, "options": {"num_predict": 4, "temperature": 0},
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[1]}]}
+
+    def chat(key: str) -> float:
+        reply = httpx.post(live.url + "/api/chat", json=body, headers={"Authorization": f"Bearer {key}"},
+                           timeout=60)
+        assert reply.status_code == 200, reply.text
+        return live.metric("glm4_prefix_cache_hits_total")
+
+    first = chat("alice-key")
+    assert chat("bob-key") == first  # the same prompt under another key reuses nothing
+    assert chat("alice-key") > first  # while the first key finds its own KV

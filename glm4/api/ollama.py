@@ -30,8 +30,8 @@ from glm4.api.ollama_protocol import (ChatRequest, ChatResponse, EmbedRequest, E
                                       ShowRequest, ShowResponse, TagsResponse, VersionResponse)
 from glm4.api.protocol import ChatCompletionRequest, completion_id
 from glm4.api.routes import NonFiniteNumber, refuse_constant, require_api_key
-from glm4.api.serving import (ChatService, Choice, EngineStreamingResponse, GenerationFailed, choice_events,
-                              failure_error, until_disconnect)
+from glm4.api.serving import (ChatService, Choice, EngineStreamingResponse, GenerationFailed, cache_salt_of,
+                              choice_events, failure_error, until_disconnect)
 from glm4.embeddings import EmbeddingInputError
 from glm4.engine.base import Prompt, SamplingParams
 
@@ -289,12 +289,13 @@ class OllamaService:
 
     # ---- chat / generate ----
 
-    async def prepare(self, request: ChatCompletionRequest, options: Options | None, format,
+    async def prepare(self, request: ChatCompletionRequest, options: Options | None, format, cache_salt: str,
                       prompt: Prompt | None = None) -> tuple[Prompt, SamplingParams]:
         if prompt is None:
-            prompt, params = await self.chat.prepare(request)
+            prompt, params = await self.chat.prepare(request, cache_salt)
         else:  # raw generate: the caller's text is the prompt, as it is
             self.chat.check_model(request.model)
+            prompt.cache_salt = cache_salt
             params = self.chat.sampling_params(request, prompt)
         check_num_ctx(options, len(prompt.token_ids), self.engine.info.max_model_len)
         limit_to_num_ctx(params, options, len(prompt.token_ids))
@@ -342,7 +343,7 @@ class OllamaService:
             raise OllamaError(400, "format cannot be combined with tools: send one or the other")
         request = chat_request(name, to_chat_messages(body.messages), body.tools, body.options)
         splitter = self.splitter(body.think)
-        prompt, params = await self.prepare(request, body.options, body.format)
+        prompt, params = await self.prepare(request, body.options, body.format, cache_salt_of(raw))
 
         def line(part: ResponseMessage, run: "Run | None") -> ChatResponse:
             return ChatResponse(model=body.model, created_at=now_iso(), message=part, done=run is not None,
@@ -371,14 +372,15 @@ class OllamaService:
             request = chat_request(name, [{"role": "user", "content": body.prompt}], None, body.options)
             token_ids = await asyncio.to_thread(self.engine.encode, body.prompt)
             prompt = Prompt(token_ids=token_ids, messages=request.model_dump(exclude_none=True)["messages"])
-            prompt_in, params = await self.prepare(request, body.options, body.format, prompt=prompt)
+            prompt_in, params = await self.prepare(request, body.options, body.format, cache_salt_of(raw),
+                                                   prompt=prompt)
             splitter = None
         else:
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                 [{"role": "user", "content": body.prompt}]
             request = chat_request(name, messages, None, body.options)
             splitter = self.splitter(body.think)
-            prompt_in, params = await self.prepare(request, body.options, body.format)
+            prompt_in, params = await self.prepare(request, body.options, body.format, cache_salt_of(raw))
 
         def line(part: ResponseMessage, run: "Run | None") -> GenerateResponse:
             return GenerateResponse(model=body.model, created_at=now_iso(), response=part.content,

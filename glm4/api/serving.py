@@ -63,7 +63,8 @@ class ChatService:
 
     # ---- request → engine inputs ----
 
-    async def prepare(self, request: ChatCompletionRequest) -> tuple[Prompt, SamplingParams]:
+    async def prepare(self, request: ChatCompletionRequest, cache_salt: str = "") -> tuple[Prompt, SamplingParams]:
+        """cache_salt: the API key's (request.state.cache_salt): KV is reused only under the same salt."""
         self.check_model(request.model)
         messages = [message.model_dump(exclude_none=True) for message in request.messages]
         tools = [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
@@ -74,6 +75,7 @@ class ChatService:
                                              tools, tool_choice)
         except PromptError as error:
             raise APIError(400, str(error), param=error.param) from None
+        prompt.cache_salt, prompt.cache_hint = cache_salt, request.prompt_cache_key
         return prompt, self.sampling_params(request, prompt)
 
     def sampling_params(self, request: ChatCompletionRequest, prompt: Prompt) -> SamplingParams:
@@ -146,9 +148,7 @@ class ChatService:
         if request.stream and legacy and (request.n or 1) > 1:  # its lines carry no choice index
             raise APIError(400, "n > 1 is not supported with the legacy stream format; use stream_format "
                            '"openai" or n = 1', param="n")
-        prompt, params = await self.prepare(request)
-        prompt.cache_salt = getattr(raw.state, "cache_salt", "")
-        prompt.cache_hint = request.prompt_cache_key
+        prompt, params = await self.prepare(request, cache_salt_of(raw))
         request_id = completion_id()
         choices = self.submit_choices(request, prompt, params, request_id)
 
@@ -195,6 +195,11 @@ class EngineStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.cancel()
+
+
+def cache_salt_of(raw: Request) -> str:
+    """The salt require_api_key set for this request's key ("" when the server has no keys)."""
+    return getattr(raw.state, "cache_salt", "")
 
 
 def first(*values):
