@@ -27,6 +27,8 @@ from glm4.settings import Settings
 
 log = logging.getLogger(__name__)
 
+API_PREFIXES = ("/v1/", "/api/")  # the OpenAI and Ollama APIs: behind --api-key, refused while draining
+
 
 def route_path(scope) -> str:
     """The path the app routes on: uvicorn puts --root-path in front of the path the client sent, and Starlette
@@ -79,7 +81,7 @@ class GuardMiddleware:
             return message
 
         try:
-            if self.state.status == "draining" and route_path(scope).startswith(("/v1/", "/api/")):
+            if self.state.status == "draining" and route_path(scope).startswith(API_PREFIXES):
                 await refuse(APIError(503, "the server is shutting down; retry on another instance",
                                       code="unavailable", headers={"Retry-After": "5"}))
                 return
@@ -131,7 +133,7 @@ def describe_request_models(app: FastAPI, settings: Settings) -> None:
             for path, operations in schema["paths"].items():
                 for operation in operations.values():
                     operation["responses"].pop("422", None)
-                    if settings.api_key and path.startswith(("/v1/", "/api/")):
+                    if settings.api_key and path.startswith(API_PREFIXES):
                         operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema

@@ -6,25 +6,16 @@ are accepted and ignored, as Ollama itself ignores options a runner does not use
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from glm4.api.protocol import finite, integral_floats
+
 
 class OllamaModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-def integral_floats(data, keys: tuple[str, ...]):
-    """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
-    if isinstance(data, dict):
-        for key in keys:
-            value = data.get(key)
-            if isinstance(value, float) and value.is_integer():
-                data = {**data, key: int(value)}
-    return data
 
 
 # ---------- requests ----------
@@ -54,9 +45,7 @@ class Options(OllamaModel):
     @field_validator("temperature", "top_p", "repeat_penalty", "presence_penalty", "frequency_penalty")
     @classmethod
     def check_finite(cls, value):
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+        return finite(value)
 
     @field_validator("stop")
     @classmethod
@@ -233,26 +222,9 @@ class ResponseMessage(OllamaModel):
     tool_calls: list[ResponseToolCall] | None = None
 
 
-class ChatResponse(OllamaModel):
-    model: str
-    created_at: str
-    message: ResponseMessage
-    done: bool
-    done_reason: str | None = None  # the final line's counts and durations (nanoseconds), as Ollama's
-    total_duration: int | None = None
-    load_duration: int | None = None
-    prompt_eval_count: int | None = None
-    prompt_eval_duration: int | None = None
-    eval_count: int | None = None
-    eval_duration: int | None = None
+class FinalCounts(OllamaModel):
+    """The last line's counts and durations (nanoseconds), as Ollama's; absent from the lines before it."""
 
-
-class GenerateResponse(OllamaModel):
-    model: str
-    created_at: str
-    response: str
-    thinking: str | None = None
-    done: bool
     done_reason: str | None = None
     total_duration: int | None = None
     load_duration: int | None = None
@@ -260,6 +232,21 @@ class GenerateResponse(OllamaModel):
     prompt_eval_duration: int | None = None
     eval_count: int | None = None
     eval_duration: int | None = None
+
+
+class ChatResponse(FinalCounts):
+    model: str
+    created_at: str
+    message: ResponseMessage
+    done: bool
+
+
+class GenerateResponse(FinalCounts):
+    model: str
+    created_at: str
+    response: str
+    thinking: str | None = None
+    done: bool
 
 
 class EmbedResponse(OllamaModel):

@@ -15,6 +15,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.json_schema import SkipJsonSchema
 
 
+def integral_floats(data, keys: tuple[str, ...]):
+    """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
+    if isinstance(data, dict):
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, float) and value.is_integer():
+                data = {**data, key: int(value)}
+    return data
+
+
+def finite(value: float | None) -> float | None:
+    """JSON has no NaN or Infinity, but Python's json reads them: refuse them as a client error."""
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -141,20 +158,12 @@ class ChatCompletionRequest(OpenAIBaseModel):
     @model_validator(mode="before")
     @classmethod
     def accept_integral_floats(cls, data):
-        """JSON Schema's integer includes 4.0, which Python's json reads as a float (requests are validated strictly)."""
-        if isinstance(data, dict):
-            for key in INTEGER_FIELDS:
-                value = data.get(key)
-                if isinstance(value, float) and value.is_integer():
-                    data = {**data, key: int(value)}
-        return data
+        return integral_floats(data, INTEGER_FIELDS)
 
     @field_validator("frequency_penalty", "presence_penalty", "temperature", "top_p", "repetition_penalty")
     @classmethod
     def check_finite(cls, value):
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+        return finite(value)
 
     @field_validator("stop")
     @classmethod
