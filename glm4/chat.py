@@ -19,6 +19,7 @@ Interface (protocol-neutral):
         ToolCallArguments(index, text) | Logprobs(tokens: list[TokenLogprob]) |
         Usage(prompt_tokens, completion_tokens, cached_tokens) | Finish(reason) | Error(message, status, code)
     core.cancel(choices)                          # frees whatever still runs (no-op for finished choices)
+    async for choice, event in merged_events(choices): ...   # n > 1: all choices' events as they arrive
 
 Event order per choice: any number of text / reasoning / tool-call / logprobs events, then `Usage`, then
 `Finish` ("stop" | "length" | "tool_calls"); or an `Error` instead of Usage + Finish (a failed or
@@ -190,6 +191,10 @@ class ChoiceStream:
             self.first_token_at = time.monotonic()
         return self._peeked
 
+    async def aclose(self) -> None:
+        """Close the engine stream (cancels the request) without reading further."""
+        await self._stream.aclose()
+
     async def _deltas(self) -> AsyncIterator[Delta]:
         if self._peeked is not None:
             yield self._peeked
@@ -234,6 +239,9 @@ class ChoiceStream:
                 if delta.logprobs:
                     self.logprobs += delta.logprobs
                     yield Logprobs(list(delta.logprobs))
+                if delta.reasoning:  # an upstream engine's own reasoning_content / reasoning deltas
+                    self.reasoning_text += delta.reasoning
+                    yield ReasoningDelta(delta.reasoning)
                 for event in self._split(delta.text):
                     yield event
                 if delta.finished:
@@ -393,6 +401,52 @@ class ChatCore:
     def cancel(self, choices: list[ChoiceStream]) -> None:
         for choice in choices:
             self.engine.cancel(choice.request_id)
+
+
+async def merged_events(choices: list[ChoiceStream]) -> AsyncIterator[tuple[ChoiceStream, ChatEvent]]:
+    """The n choices' events interleaved as they arrive, each with its choice (n > 1 replies stream together)."""
+    if len(choices) == 1:
+        async for event in choices[0].events():
+            yield choices[0], event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: ChoiceStream):
+        try:
+            async for event in choice.events():
+                await queue.put((choice, event))
+        except BaseException as error:  # forwarded to the consumer, which re-raises it
+            await queue.put(error)
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        remaining = len(choices)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        # Cancelling a pump unwinds its stream, whose own `finally` closes the engine request; closing the
+        # streams from here instead would race the pumps still inside them.
+        for task in tasks:
+            task.cancel()
+
+
+def build_core(engine: Engine, settings) -> ChatCore:
+    """The one core of a server: --reasoning-parser resolved against the served checkpoint's template (an
+    upstream engine has no template here: its server splits reasoning itself and the deltas carry it)."""
+    from glm4.reasoning import reasoning_mode_for, resolve_reasoning
+
+    tokenizer = getattr(engine, "tokenizer", None)
+    mode = reasoning_mode_for(tokenizer, settings.reasoning_parser) if tokenizer is not None \
+        else resolve_reasoning(settings.reasoning_parser, False)
+    return ChatCore(engine, reasoning=mode, test_hooks=settings.test_hooks)
 
 
 def first(*values):

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from glm4 import __version__
 from glm4.api import files, vector_stores
+from glm4.api.chat_completions import ChatCompletions
 from glm4.api.embeddings import install_embeddings
 from glm4.api.errors import APIError, error_body, install_error_handlers
 from glm4.api.knowledge import open_store, upload_body_limit
@@ -22,6 +23,7 @@ from glm4.api.metrics import Metrics
 from glm4.api.ollama import install_ollama, ollama_request_schemas
 from glm4.api.routes import public, v1
 from glm4.api.serving import ChatService
+from glm4.chat import build_core
 from glm4.engine.base import Engine
 from glm4.settings import Settings
 
@@ -223,6 +225,8 @@ def create_app(settings: Settings, engine: Engine, embeddings=None) -> FastAPI:
     app.state.status = "loading"
     app.state.metrics = Metrics(engine)
     app.state.chat = ChatService(engine, settings, app.state.metrics)
+    app.state.core = build_core(engine, settings)  # every protocol and the UI translate onto this one core
+    app.state.chat_completions = ChatCompletions(app.state.core, app.state.metrics, settings.legacy_stream)
     app.state.knowledge = open_store(settings)  # opened at startup (lifespan), closed at shutdown
     install_error_handlers(app)
     if settings.cors_origins:

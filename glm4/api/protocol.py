@@ -62,6 +62,8 @@ CONTENT_RULE = {"anyOf": [
      "properties": {"role": {"const": "assistant"}, "tool_calls": {"type": "array", "minItems": 1}}},
 ]}
 REQUEST_RULES = {"allOf": [
+    {"if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"not": {"enum": [None, 0]}}}},
+     "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}},
     {"if": {"required": ["stream_options"], "properties": {"stream_options": {"not": {"type": "null"}}}},
      "then": {"required": ["stream"], "properties": {"stream": {"const": True}}}},
     {"if": {"required": ["tool_choice"], "properties": {"tool_choice": {"not": {"enum": [None, "none", "auto"]}}}},
@@ -115,9 +117,31 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool | None = False
 
 
+class JSONSchemaFormat(OpenAIBaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # `schema` shadows a BaseModel attribute
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIBaseModel):
-    # json_object / json_schema parse (so the error can name them) but are refused: the spec lists "text" only
-    type: Literal["text", "json_object", "json_schema"] = Field(json_schema_extra={"enum": ["text"]})
+    """text, json_object (any JSON object) or json_schema: enforced by the engine's grammar (llguidance)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def check_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema: {name, schema, strict}")
+        return self
+
+    def to_core(self) -> dict[str, Any]:
+        if self.type == "json_schema":
+            spec = self.json_schema
+            return {"type": "json_schema", "json_schema": {"name": spec.name, "schema": spec.schema_ or {},
+                                                           "strict": bool(spec.strict)}}
+        return {"type": self.type}
 
 
 class ChatCompletionRequest(OpenAIBaseModel):
@@ -127,8 +151,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     model: str | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})  # unsupported
-    logprobs: bool | None = Field(None, json_schema_extra={"enum": [False, None]})  # unsupported
-    top_logprobs: int | None = Field(None, json_schema_extra={"enum": [0, None]})  # unsupported
+    logprobs: bool | None = None  # log-softmax of the model's own logits (before temperature, penalties, masks)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1, le=16)
@@ -179,12 +203,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     def check_unsupported(self):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logprobs or self.top_logprobs:
-            raise ValueError("logprobs is not supported by this server")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by this server")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} is not supported; only 'text'")
         if self.tool_choice not in (None, "none", "auto") and not self.tools:
             raise ValueError("tool_choice requires tools")
         return self
@@ -227,17 +249,33 @@ class ToolCall(OpenAIBaseModel):
     function: ToolCallFunction
 
 
+class TopLogprob(OpenAIBaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(OpenAIBaseModel):
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
 class ChatCompletionMessage(OpenAIBaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # extension (DeepSeek's field): a reasoning model's <think> text
 
 
 class ChatCompletionChoice(OpenAIBaseModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
@@ -266,13 +304,14 @@ class DeltaToolCall(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None  # extension (DeepSeek's field)
     tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(OpenAIBaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
 
 

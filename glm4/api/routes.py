@@ -7,7 +7,7 @@ import hmac
 import json
 from typing import Annotated
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -54,8 +54,10 @@ def refuse_constant(name: str):
     raise NonFiniteNumber(f"{name} is not a JSON number")
 
 
-async def chat_request(request: Request) -> ChatCompletionRequest:
-    """Parse the body as JSON whatever the Content-Type (curl -d sends form-urlencoded), with 400s that say why."""
+async def read_json_body(request: Request, model: type[BaseModel]):
+    """Parse the body as JSON whatever the Content-Type (curl -d sends form-urlencoded) and validate it strictly
+    (JSON types as the spec says: "0.7" is not a number, 1 is not true, as OpenAI does), with 400s that say why.
+    Every /v1 protocol parses its body here; each turns the APIError into its own envelope."""
     raw = await request.body()
     try:
         data = json.loads(raw, parse_constant=refuse_constant)
@@ -73,13 +75,16 @@ async def chat_request(request: Request) -> ChatCompletionRequest:
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        # strict: JSON types as the spec says ("0.7" is not a number, 1 is not true), as OpenAI does
-        return ChatCompletionRequest.model_validate(data, strict=True)
+        return model.model_validate(data, strict=True)
     except ValidationError as error:
         message, param = describe_errors(error.errors(include_url=False))
         raise APIError(400, message, param=param, code="invalid_value") from None
     except RecursionError:
         raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+
+
+async def chat_request(request: Request) -> ChatCompletionRequest:
+    return await read_json_body(request, ChatCompletionRequest)
 
 
 CHAT_REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"application/json": {
@@ -90,7 +95,8 @@ CHAT_REQUEST_SCHEMA = {"requestBody": {"required": True, "content": {"applicatio
          responses={200: {"content": {"text/event-stream": {}, "application/x-ndjson": {}}}})
 async def create_chat_completion(request: Request, service: Service,
                                  body: Annotated[ChatCompletionRequest, Depends(chat_request)]):
-    return await service.create(body, request)
+    service.check_model(body.model)
+    return await request.app.state.chat_completions.create(body, request, body.model or service.engine.info.name)
 
 
 @v1.get("/models", response_model=ModelList)

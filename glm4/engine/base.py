@@ -117,6 +117,7 @@ class Delta:
     """
 
     text: str = ""
+    reasoning: str = ""  # reasoning an upstream server split off itself (its reasoning_content / reasoning)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
     finish_reason: FinishReason | None = None

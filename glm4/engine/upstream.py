@@ -90,8 +90,11 @@ class ToolCallText:
     def text(self) -> str:
         if not self.calls:
             return ""
-        call = self.calls[min(self.calls)]  # GLM-4 makes one call per turn
-        return call["arguments"] if self.forced else f"{call['name']}\n{call['arguments']}"
+        # GLM-4's own text for several calls: each `name\n{arguments}`, separated by <|assistant|> (the chat
+        # core's parser splits on it); a forced call's name is already in the prompt.
+        texts = [call["arguments"] if self.forced and i == 0 else f"{call['name']}\n{call['arguments']}"
+                 for i, call in enumerate(self.calls[index] for index in sorted(self.calls))]
+        return "<|assistant|>".join(texts)
 
 
 class UpstreamEngine(Engine):
@@ -250,8 +253,9 @@ class UpstreamEngine(Engine):
                         delta = choice.get("delta") or {}
                         if delta.get("tool_calls"):
                             tools.feed(delta["tool_calls"])
-                        if delta.get("content"):
-                            yield Delta(text=delta["content"])
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")  # vLLM: both names
+                        if delta.get("content") or reasoning:
+                            yield Delta(text=delta.get("content") or "", reasoning=reasoning or "")
                         finish = choice.get("finish_reason") or finish
         finally:
             upstream.outstanding -= 1
