@@ -378,7 +378,7 @@ class ChatCore:
                 params.constraint = compiler.tool_call(prompt.tools, choice, request.parallel_tool_calls)
         except UnsupportedSchema as error:
             param = "response_format" if kind != "text" else "tools"
-            raise ChatError(400, f"unsupported JSON schema: {error}", param=param, code="unsupported_schema") from None
+            raise ChatError(400, str(error), param=param, code="unsupported_schema") from None
 
     def submit(self, prepared: PreparedChat, request_id: str) -> list[ChoiceStream]:
         choices: list[ChoiceStream] = []
