@@ -69,6 +69,7 @@ SEMANTIC_REFUSALS = {
     "context_length_exceeded",  # prompt + max_tokens larger than the context window (depends on tokens)
     "model_not_found",  # "model" names a model this server does not serve
     "tool_choice",  # names a function that is not among the tools
+    "unsupported_schema",  # a response_format / tool schema the grammar library cannot enforce (or two tools of one name)
 }
 
 

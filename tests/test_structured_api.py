@@ -69,6 +69,14 @@ class City(pydantic.BaseModel):
     capital: bool
 
 
+def test_extreme_penalty_cannot_break_the_grammar(client):
+    """repetition_penalty near 0 sends allowed logits to +inf; the reply must still follow the mask."""
+    reply = client.chat.completions.create(model="glm-4", messages=ASK_JSON, temperature=1.0, seed=1, max_tokens=40,
+                                           response_format={"type": "json_object"}, logprobs=True,
+                                           extra_body={"repetition_penalty": 4e-44})
+    assert reply.choices[0].message.content.startswith("{")
+
+
 def test_sdk_parse_returns_the_pydantic_object(client):
     for seed in range(3):
         completion = client.chat.completions.parse(model="glm-4", messages=ASK_JSON, response_format=City,

@@ -127,6 +127,10 @@ class JSONSchemaFormat(OpenAIBaseModel):
 class ResponseFormat(OpenAIBaseModel):
     """text, json_object (any JSON object) or json_schema: enforced by the engine's grammar (llguidance)."""
 
+    model_config = ConfigDict(json_schema_extra={"if": {"properties": {"type": {"const": "json_schema"}}},
+                                                 "then": {"required": ["json_schema"],
+                                                          "properties": {"json_schema": {"type": "object"}}}})
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 

@@ -123,6 +123,9 @@ def sample_step(logits: torch.Tensor, rows: list, bitmask: torch.Tensor | None =
         index = torch.tensor(sampled, device=logits.device)
         temperature = torch.tensor([p.temperature for p in params], device=logits.device)
         tempered = logits.index_select(0, index) / temperature[:, None]  # [S, vocab]
+        # A tiny repetition_penalty or temperature can push allowed logits to +inf; two of them make the softmax
+        # NaN, and the draw would fall on the last id whatever the mask refused. Capped, they stay the most likely.
+        tempered = tempered.clamp(max=torch.finfo(tempered.dtype).max)
         restricted, order = restrict_top_k_top_p(tempered, [p.top_k for p in params], [p.top_p for p in params])
         uniforms = torch.tensor([rows[i].uniform() for i in sampled])
         picks = draw(restricted, uniforms)  # [S]
