@@ -440,7 +440,11 @@ class LocalEngine(Engine):
     # ---- decode ----
 
     def _decode_step(self) -> None:
-        rows = list(self._running)
+        # not those a stop string ended in the host work just before (their slot is already free)
+        rows = [state for state in self._running if not state.leaving]
+        if not rows:
+            self._drop_finished()
+            return
         try:
             logits = self._forward(rows)
         except Exception as error:  # the whole batch shared the step: find out who it belongs to
