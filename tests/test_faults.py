@@ -323,7 +323,7 @@ async def test_client_gone_before_the_first_chunk_cancels_the_engine_request():
     for n in (1, 3):
         engine.submitted.clear(), engine.cancelled.clear()
         body = ChatCompletionRequest.model_validate({"messages": HELLO, "stream": True, "n": n})
-        response = await app.state.chat.create(body, Request(scope))
+        response = await app.state.chat_completions.create(body, Request(scope), "glm-4")
         sent = []
 
         async def gone():

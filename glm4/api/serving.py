@@ -1,24 +1,22 @@
-"""/v1/chat/completions logic: request → prompt + SamplingParams → engine stream → OpenAI (or legacy) output.
-
-One primitive, the engine stream: the non-streaming path drains the same stream. Tool-call output is
-recognized by glm4.tools; everything else is content.
+"""Shared serving pieces: model names, the engine-stream response that cancels however it ends, disconnect
+races, and the older request → prompt path the Ollama API still uses (chat completions run on glm4/chat.py's
+core, glm4/api/chat_completions.py; Ollama moves there next and this path goes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from glm4.api.errors import APIError, error_body
+from glm4.api.errors import APIError
 from glm4.api.metrics import Metrics
-from glm4.api.protocol import ChatCompletionRequest, completion_id
+from glm4.api.protocol import ChatCompletionRequest
 from glm4.engine.base import (Delta, Engine, EngineOverloaded, EngineUnavailable, FinishReason, Prompt,
                               SamplingParams)
 from glm4.prompt import PromptError, build_prompt
@@ -140,42 +138,6 @@ class ChatService:
                            headers={"Retry-After": str(int(error.retry_after))}) from None
         return choices
 
-    # ---- responses ----
-
-    async def create(self, request: ChatCompletionRequest, raw: Request):
-        started = time.monotonic()
-        legacy = (request.stream_format or ("legacy" if self.settings.legacy_stream else "openai")) == "legacy"
-        if request.stream and legacy and (request.n or 1) > 1:  # its lines carry no choice index
-            raise APIError(400, "n > 1 is not supported with the legacy stream format; use stream_format "
-                           '"openai" or n = 1', param="n")
-        prompt, params = await self.prepare(request, cache_salt_of(raw))
-        request_id = completion_id()
-        choices = self.submit_choices(request, prompt, params, request_id)
-
-        def cancel() -> None:
-            """Free whatever the engine still runs for this request (a no-op for finished choices)."""
-            for choice in choices:
-                self.engine.cancel(f"{request_id}-{choice.index}")
-
-        try:
-            if self.engine.early_errors:
-                await until_disconnect(asyncio.gather(*(peek_first(choice) for choice in choices)), raw,
-                                       on_cancel=lambda: close_all(choices))
-            context = ResponseContext(request_id, int(time.time()), request.model or self.engine.info.name,
-                                      started, self.metrics)
-            if request.stream and legacy:
-                return EngineStreamingResponse(legacy_stream(context, choices[0]), cancel,
-                                               media_type="application/x-ndjson", headers=SSE_HEADERS)
-            if request.stream:
-                include_usage = bool(request.stream_options and request.stream_options.include_usage)
-                return EngineStreamingResponse(sse_stream(context, choices, include_usage), cancel,
-                                               media_type="text/event-stream", headers=SSE_HEADERS)
-            body = await until_disconnect(full_response(context, choices), raw)
-        except BaseException:  # a failed choice, a gone client: the other choices must not run on for nobody
-            cancel()
-            raise
-        return JSONResponse(body)
-
 
 class EngineStreamingResponse(StreamingResponse):
     """A StreamingResponse that cancels its engine requests however it ends.
@@ -214,63 +176,6 @@ def failure_error(delta: Delta) -> APIError:
                     headers=headers)
 
 
-async def peek_first(choice: Choice) -> None:
-    """Wait for a choice's first delta; a failure there becomes the HTTP status (upstream 4xx stays 4xx)."""
-    stream = choice.stream
-    delta = await stream.__anext__()
-    choice.first_token_at = time.monotonic()
-    if delta.finish_reason is FinishReason.ERROR:
-        await stream.aclose()
-        raise failure_error(delta)
-
-    async def replay() -> AsyncIterator[Delta]:
-        try:
-            yield delta
-            async for later in stream:
-                yield later
-        finally:
-            await stream.aclose()
-
-    choice.stream = replay()
-
-
-async def close_all(choices: list[Choice]) -> None:
-    for choice in choices:
-        await choice.stream.aclose()
-
-
-@dataclass
-class ResponseContext:
-    id: str
-    created: int
-    model: str
-    started: float
-    metrics: Metrics
-
-    def chunk(self, choices: list[dict], usage: Any = None, include_usage: bool = False) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    def record(self, choices: list[Choice]) -> None:
-        prompt_tokens = choices[0].usage.prompt_tokens if choices[0].usage else 0
-        completion_tokens = sum(c.usage.completion_tokens for c in choices if c.usage)
-        ttft = min((c.first_token_at for c in choices if c.first_token_at), default=None)
-        self.metrics.observe_request(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                     ttft=None if ttft is None else ttft - self.started,
-                                     duration=time.monotonic() - self.started)
-
-
-def usage_dict(choices: list[Choice]) -> dict:
-    prompt = choices[0].usage.prompt_tokens if choices[0].usage else 0
-    completion = sum(c.usage.completion_tokens for c in choices if c.usage)
-    cached = choices[0].usage.cached_tokens if choices[0].usage else 0  # the first choice's prefill shows reuse
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 class GenerationFailed(Exception):
     def __init__(self, delta: Delta):
         super().__init__(delta.error or "generation failed")
@@ -290,120 +195,6 @@ async def choice_events(choice: Choice) -> AsyncIterator[tuple[Choice, list]]:
             choice.usage = delta.usage
             choice.finish_reason = "tool_calls" if choice.parser.is_tool_call else delta.finish_reason.value
         yield choice, events
-
-
-async def merged_events(choices: list[Choice]) -> AsyncIterator[tuple[Choice, list]]:
-    """Interleave the n choices' events as they arrive."""
-    if len(choices) == 1:
-        async for item in choice_events(choices[0]):
-            yield item
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(choice: Choice):
-        try:
-            async for item in choice_events(choice):
-                await queue.put(item)
-        except BaseException as error:  # forwarded to the consumer, which re-raises it
-            await queue.put(error)
-        finally:
-            await queue.put(None)
-
-    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
-    try:
-        remaining = len(choices)
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        # Cancelling a pump unwinds its stream, whose own `finally` cancels the engine request. Closing the
-        # streams here instead raced the pumps still inside them ("aclose(): asynchronous generator is
-        # already running"): an n > 1 stream was cut off without its error event and [DONE], a non-stream
-        # reply became a 500.
-        for task in tasks:
-            task.cancel()
-
-
-def delta_from_event(event) -> dict:
-    if event.kind == "content":
-        return {"content": event.text}
-    if event.kind == "tool_call_start":
-        call = event.call
-        return {"tool_calls": [{"index": 0, "id": call.id, "type": "function",
-                                "function": {"name": call.name, "arguments": ""}}]}
-    return {"tool_calls": [{"index": 0, "function": {"arguments": event.text}}]}
-
-
-async def sse_stream(context: ResponseContext, choices: list[Choice], include_usage: bool) -> AsyncIterator[str]:
-    def choice_chunk(index: int, delta: dict, finish_reason: str | None = None) -> str:
-        return context.chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-                             include_usage=include_usage)
-
-    try:
-        for choice in choices:
-            yield choice_chunk(choice.index, {"role": "assistant", "content": ""})
-        async for choice, events in merged_events(choices):
-            for event in events:
-                yield choice_chunk(choice.index, delta_from_event(event))
-            if choice.finish_reason:
-                yield choice_chunk(choice.index, {}, choice.finish_reason)
-        if include_usage:
-            yield context.chunk([], usage=usage_dict(choices), include_usage=True)
-        context.record(choices)
-    except GenerationFailed as failure:
-        status = failure.delta.error_status
-        kind = "service_unavailable" if status == 503 else "internal_server_error"
-        yield f"data: {json.dumps(error_body(str(failure), kind, code=str(status)), ensure_ascii=False)}\n\n"
-    yield "data: [DONE]\n\n"
-
-
-async def legacy_stream(context: ResponseContext, choice: Choice) -> AsyncIterator[str]:
-    """The old project's NDJSON lines: content = new text, response = text so far, finished flag."""
-    def line(content: str, finished: bool) -> str:
-        body = {"id": context.id, "choices": [{"delta": {"content": content, "response": choice.text,
-                                                         "finished": finished}}]}
-        return json.dumps(body, ensure_ascii=False) + "\n"
-
-    try:
-        async for _, events in merged_events([choice]):
-            text = "".join(event.text for event in events)
-            if events and not all(event.kind == "content" for event in events):
-                call = choice.parser.tool_call
-                text = f"{call.name}\n{call.arguments}" if call else text
-            if text:
-                choice.text += text
-                yield line(text, False)
-            if choice.finish_reason:
-                yield line("", True)
-        context.record([choice])
-    except GenerationFailed as failure:
-        yield json.dumps(error_body(str(failure), "internal_server_error"), ensure_ascii=False) + "\n"
-    yield '["DONE"]\n'
-
-
-async def full_response(context: ResponseContext, choices: list[Choice]) -> dict:
-    try:
-        async for choice, events in merged_events(choices):
-            choice.text += "".join(event.text for event in events if event.kind == "content")
-    except GenerationFailed as failure:
-        raise failure_error(failure.delta) from None
-    context.record(choices)
-    body_choices = []
-    for choice in choices:
-        call = choice.parser.tool_call
-        message: dict[str, Any] = {"role": "assistant", "content": None if call else choice.text, "refusal": None}
-        if call:
-            message["tool_calls"] = [{"id": call.id, "type": "function",
-                                      "function": {"name": call.name, "arguments": call.arguments}}]
-        body_choices.append({"index": choice.index, "message": message, "logprobs": None,
-                             "finish_reason": choice.finish_reason})
-    return {"id": context.id, "object": "chat.completion", "created": context.created, "model": context.model,
-            "system_fingerprint": None, "choices": body_choices, "usage": usage_dict(choices)}
 
 
 async def until_disconnect(coroutine, raw: Request, on_cancel=None):
